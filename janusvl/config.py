@@ -1,0 +1,247 @@
+"""Typed, frozen views of a DeepSeek Janus `config.json`.
+
+Field names are the checkpoint's own keys. `JanusConfig.from_dict` applies the documented LLaMA
+defaults (Janus-Pro-7B omits most of its language fields) and rejects what cannot be honoured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    width: int
+    layers: int
+    heads: int
+    patch_size: int
+    mlp_hidden: int
+
+
+# The SigLIP towers DeepSeek's code knows by name (timm layout, no class token, MAP pooling head).
+VISION_MODELS: dict[str, VisionSpec] = {
+    "siglip_large_patch16_384": VisionSpec(1024, 24, 16, 16, 4096),
+    "siglip_so400m_patch14_384": VisionSpec(1152, 27, 16, 14, int(1152 * 3.7362)),
+}
+
+
+def _expect(section: str, key: str, value: Any, allowed: set[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"config.json: unsupported {section}.{key} {value!r}; janusvl supports {sorted(allowed)}"
+        )
+
+
+def _params(section: str, raw: dict[str, Any], cls_allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.json: {section} must be an object, got {type(raw).__name__}")
+    _expect(section, "cls", raw.get("cls"), cls_allowed)
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: {section}.params must be an object")
+    return params
+
+
+def _take(cls: type, section: str, values: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from the known keys of `values`, converting numbers to the field type."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in values or not f.init:
+            continue
+        value = values[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        try:
+            if kind == "int" and not isinstance(value, bool):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif kind == "float":
+                value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.json: {section}.{f.name} must be a {kind}, got {value!r}") from None
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    model_name: str = "siglip_large_patch16_384"
+    image_size: int = 384
+    select_feature: str = "same"
+    select_layer: int = -1
+
+    @property
+    def spec(self) -> VisionSpec:
+        return VISION_MODELS[self.model_name]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks DeepSeek's tower builds: select_layer <= 0 counts from the end, > 0 from the start."""
+        total = self.spec.layers
+        if self.select_layer <= 0:
+            return min(total, total + self.select_layer + 1)
+        return min(total, self.select_layer)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.spec.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    projector_type: str = "mlp_gelu"
+    depth: int = 2
+    input_dim: int = 1024
+    n_embed: int = 2048
+
+
+@dataclass(frozen=True)
+class GenVisionConfig:
+    """VQ-16 (LlamaGen). DeepSeek's code builds it with fixed sizes; the four size keys below are a
+    janusvl extension that lets test checkpoints carry a smaller decoder. Real checkpoints omit them."""
+
+    image_token_size: int = 16384
+    n_embed: int = 8
+    base_channels: int = 128
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    num_res_blocks: int = 2
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_multiplier) - 1)
+
+
+@dataclass(frozen=True)
+class GenHeadConfig:
+    n_embed: int = 2048
+    image_token_embed: int = 2048
+    image_token_size: int = 16384
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0  # 0 until from_dict fills in num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class JanusConfig:
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    aligner_config: AlignerConfig = field(default_factory=AlignerConfig)
+    gen_vision_config: GenVisionConfig = field(default_factory=GenVisionConfig)
+    gen_aligner_config: AlignerConfig = field(default_factory=lambda: AlignerConfig(input_dim=8))
+    gen_head_config: GenHeadConfig = field(default_factory=GenHeadConfig)
+    language_config: LanguageConfig = field(default_factory=LanguageConfig)
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JanusConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        _expect("config", "model_type", data.get("model_type"), {"multi_modality"})
+        for key in ("vision_config", "aligner_config", "gen_vision_config", "gen_aligner_config",
+                    "gen_head_config", "language_config"):
+            if key not in data:
+                raise ConfigError(f"config.json: missing section {key!r}")
+        return cls(
+            vision_config=_vision(data["vision_config"]),
+            aligner_config=_aligner("aligner_config", data["aligner_config"]),
+            gen_vision_config=_gen_vision(data["gen_vision_config"]),
+            gen_aligner_config=_aligner("gen_aligner_config", data["gen_aligner_config"]),
+            gen_head_config=_take(
+                GenHeadConfig, "gen_head_config",
+                _params("gen_head_config", data["gen_head_config"], {"vision_head"}),
+            ),
+            language_config=_language(data["language_config"]),
+            torch_dtype=data.get("torch_dtype"),
+            raw=data,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JanusConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json; is this a Janus checkpoint directory?") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config.json: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _vision(raw: dict[str, Any]) -> VisionConfig:
+    params = _params("vision_config", raw, {"CLIPVisionTower"})
+    cfg = _take(VisionConfig, "vision_config.params", params)
+    _expect("vision_config.params", "model_name", cfg.model_name, set(VISION_MODELS))
+    if cfg.image_size % cfg.spec.patch_size:
+        raise ConfigError(
+            f"config.json: vision_config.params.image_size {cfg.image_size} is not a multiple of "
+            f"the patch size {cfg.spec.patch_size}"
+        )
+    return cfg
+
+
+def _aligner(section: str, raw: dict[str, Any]) -> AlignerConfig:
+    cfg = _take(AlignerConfig, f"{section}.params", _params(section, raw, {"MlpProjector"}))
+    _expect(f"{section}.params", "projector_type", cfg.projector_type, {"identity", "linear", "mlp_gelu"})
+    if cfg.depth < 1:
+        raise ConfigError(f"config.json: {section}.params.depth must be >= 1, got {cfg.depth}")
+    return cfg
+
+
+def _gen_vision(raw: dict[str, Any]) -> GenVisionConfig:
+    params = dict(_params("gen_vision_config", raw, {"VQ-16"}))
+    if "channel_multiplier" in params:
+        params["channel_multiplier"] = tuple(int(m) for m in params["channel_multiplier"])
+    return _take(GenVisionConfig, "gen_vision_config.params", params)
+
+
+def _language(raw: dict[str, Any]) -> LanguageConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json: language_config must be an object")
+    cfg = _take(LanguageConfig, "language_config", raw)
+    if not raw.get("num_key_value_heads"):
+        cfg = LanguageConfig(**{**cfg.__dict__, "num_key_value_heads": cfg.num_attention_heads})
+    _expect("language_config", "hidden_act", cfg.hidden_act, {"silu"})
+    scaling = raw.get("rope_scaling")
+    if scaling not in (None, {}) and (scaling or {}).get("rope_type", scaling.get("type")) != "default":
+        raise ConfigError(f"config.json: language_config.rope_scaling {scaling!r} is not supported")
+    if raw.get("mlp_bias"):
+        raise ConfigError("config.json: language_config.mlp_bias true is not supported")
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ConfigError(
+            "config.json: language_config hidden_size must divide into num_attention_heads, "
+            "and num_attention_heads into num_key_value_heads"
+        )
+    if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
+        raise ConfigError("config.json: language_config.rms_norm_eps must be a positive number")
+    return cfg
