@@ -1,0 +1,55 @@
+"""DeepSeek's chat prompt template ("sft format"), spec section 4.2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import InputError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+
+EOS_TAG = "<｜end▁of▁sentence｜>"
+
+
+def _deepseek(messages: list[tuple[str, str]], system_prompt: str) -> str:
+    # Turns alternate user / assistant: a user turn ends with a blank line, an assistant turn with
+    # EOS. An empty message is the open slot the model is asked to fill: "role:" and nothing after.
+    prompt = f"{system_prompt}\n\n" if system_prompt else ""
+    for i, (role, content) in enumerate(messages):
+        if content:
+            prompt += f"{role}: {content}" + ("\n\n" if i % 2 == 0 else EOS_TAG)
+        else:
+            prompt += f"{role}:"
+    return prompt.strip()
+
+
+SFT_FORMATS = {"deepseek": _deepseek}
+
+
+def apply_sft_template(
+    conversations: Sequence[Mapping[str, Any]],
+    sft_format: str = "deepseek",
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+) -> str:
+    """Render DeepSeek-style messages (`{"role", "content", "images"?}`) into one prompt string.
+
+    Roles are used verbatim ("User"/"Assistant" for Janus-1.3B, "<|User|>"/"<|Assistant|>" for
+    Janus-Pro); each content is stripped. An unknown `sft_format` raises InputError.
+    """
+    template = SFT_FORMATS.get(sft_format)
+    if template is None:
+        raise InputError(f"unknown sft_format {sft_format!r}; known: {sorted(SFT_FORMATS)}")
+    messages = []
+    for i, message in enumerate(conversations):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InputError(f"conversations[{i}] must be a dict with a 'role' string")
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise InputError(f"conversations[{i}]['content'] must be a string, got {type(content).__name__}")
+        messages.append((message["role"], content.strip()))
+    return template(messages, system_prompt or "")

@@ -1,0 +1,1 @@
+"""Helpers that write tiny Janus checkpoints and files for tests."""
