@@ -1,0 +1,49 @@
+"""janusvl: run DeepSeek's Janus models (Janus-1.3B, Janus-Pro-1B, Janus-Pro-7B).
+
+DeepSeek's API is kept, so their scripts run after changing only the imports:
+`load_pretrained_model`, `VLChatProcessor`, `MultiModalityCausalLM`, `load_pil_images`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import JanusConfig
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, ImageLoadError,
+                     InputError, JanusError)
+from .models.janus import MultiModalityCausalLM
+from .processing import JanusTokenizer, VLChatProcessor, load_pil_images
+
+__version__ = "0.1.0"
+
+
+def load_pretrained_model(
+    model_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> tuple[JanusTokenizer, VLChatProcessor, MultiModalityCausalLM]:
+    """DeepSeek's loader: `(tokenizer, vl_chat_processor, vl_gpt)` from a directory or Hub id.
+    `device` None picks cuda, then mps, then cpu; `dtype` None keeps the checkpoint's dtype."""
+    from .loading.checkpoint import load_model
+    from .loading.hub import resolve_checkpoint
+
+    root = resolve_checkpoint(model_path)
+    processor = VLChatProcessor.from_pretrained(root)
+    model = load_model(root, device=device, dtype=dtype)
+    return processor.tokenizer, processor, model
+
+
+def __getattr__(name: str) -> object:
+    # The high-level API pulls in generation code; import it on first use.
+    if name == "Janus":
+        from .api import Janus
+
+        return Janus
+    raise AttributeError(f"module 'janusvl' has no attribute {name!r}")
+
+
+__all__ = ["Janus", "JanusConfig", "MultiModalityCausalLM", "VLChatProcessor", "JanusTokenizer",
+           "load_pretrained_model", "load_pil_images", "JanusError", "ConfigError",
+           "CheckpointError", "CheckpointNotFoundError", "ImageLoadError", "InputError"]

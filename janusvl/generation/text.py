@@ -1,0 +1,111 @@
+"""Text generation with the LLaMA decoder: prefill once, then one token per step through a
+preallocated KV cache. `generate_tokens` is the one loop that the library call, DeepSeek's
+`language_model.generate`, the CLI and the server all drive."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import InputError
+from ..models.llama import LlamaForCausalLM
+from .sampling import SamplingParams, make_generator, sample
+
+
+def _check_length(lm: LlamaForCausalLM, prompt_len: int, max_new_tokens: int) -> None:
+    limit = lm.config.max_position_embeddings
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > limit:
+        raise InputError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {limit} tokens (max_position_embeddings); lower max_new_tokens to at most "
+            f"{max(limit - prompt_len, 0)}"
+        )
+
+
+@torch.inference_mode()
+def generate_tokens(
+    lm: LlamaForCausalLM,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None,
+    params: SamplingParams = SamplingParams(),
+    min_new_tokens: int = 0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `(ids [B], finished [B])` once per step. A row is finished after it produced EOS;
+    the caller stops early by closing the generator. Rows are left-padded prompts."""
+    B, T, _ = inputs_embeds.shape
+    _check_length(lm, T, max_new_tokens)
+    device = inputs_embeds.device
+    eos = torch.tensor([] if eos_token_id is None else
+                       ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                       dtype=torch.long, device=device)
+    if generator is None:
+        generator = make_generator(seed, device)
+    cache = lm.model.new_cache(B, T + max_new_tokens)
+    embed = lm.get_input_embeddings()
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
+        else attention_mask.to(device=device, dtype=torch.long)
+    # Positions count real tokens only, as transformers' generate does for left-padded rows.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
+             past_key_values=cache, logits_to_keep=1)
+    next_position = mask.sum(-1, keepdim=True)  # [B, 1]
+    step_mask = torch.ones(B, 1, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if step < min_new_tokens and eos.numel():
+            logits[:, eos] = float("-inf")
+        ids = sample(logits, params, generator)
+        finished = finished | torch.isin(ids, eos)
+        yield ids, finished
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            return
+        out = lm(inputs_embeds=embed(ids)[:, None], attention_mask=step_mask, position_ids=next_position,
+                 past_key_values=cache, logits_to_keep=1)
+        next_position = next_position + 1
+
+
+def generate(
+    lm: LlamaForCausalLM,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    use_cache: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **unused: object,
+) -> torch.Tensor:
+    """DeepSeek's `language_model.generate(...)`: the new ids [B, n], rows padded with
+    `pad_token_id` after their EOS. Sampling defaults follow transformers' generate
+    (`do_sample=False` is greedy; with sampling, top_k 50 unless given)."""
+    if inputs_embeds is None:
+        if input_ids is None:
+            raise InputError("generate needs inputs_embeds (or input_ids)")
+        inputs_embeds = lm.get_input_embeddings()(input_ids)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0) if do_sample \
+        else SamplingParams()
+    pad = pad_token_id if pad_token_id is not None else (
+        eos_token_id if isinstance(eos_token_id, int) else 0)
+    columns: list[torch.Tensor] = []
+    done = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+    for ids, finished in generate_tokens(lm, inputs_embeds, attention_mask, max_new_tokens,
+                                         eos_token_id, params, min_new_tokens, seed, generator):
+        columns.append(torch.where(done, torch.full_like(ids, pad), ids))
+        done = finished
+    return torch.stack(columns, dim=1)

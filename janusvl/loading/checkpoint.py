@@ -1,0 +1,196 @@
+"""Strict loading of DeepSeek-layout Janus weights into a model built on the meta device.
+
+Four layouts (spec §1): `model.safetensors`; sharded safetensors + `model.safetensors.index.json`;
+`pytorch_model.bin`; sharded `.bin` + `pytorch_model.bin.index.json`. Tensors are read one at a
+time (safetensors lazily, pickles through `torch.load(weights_only=True, mmap=True)`), cast to the
+target dtype and device, and assigned, so peak memory stays near the final model size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..config import JanusConfig
+from ..errors import CheckpointError, CheckpointNotFoundError
+from .hub import resolve_checkpoint
+
+# Key groups the checkpoint carries but the pipeline never uses; dropped by name, never loosely.
+UNUSED_PREFIXES = ("vision_model.vision_tower.attn_pool.",)
+UNUSED_KEYS = frozenset({"gen_vision_model.quantize.codebook_used"})
+
+# Looked for in this order; an index wins over a single file beside it.
+LAYOUTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+           "pytorch_model.bin")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32, "float": torch.float32}
+
+
+def is_unused(key: str) -> bool:
+    return key in UNUSED_KEYS or key.startswith(UNUSED_PREFIXES)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: JanusConfig, stored: torch.dtype) -> torch.dtype:
+    """"auto" (or None) keeps the checkpoint's own dtype (config `torch_dtype`, else the weights')."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return DTYPES.get(str(config.torch_dtype), stored if stored.is_floating_point else torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+def weight_files(root: Path) -> dict[str, Path]:
+    """Map every stored key to the file holding it, from whichever layout `root` uses."""
+    for name in LAYOUTS:
+        path = root / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return {key: path for key in _keys_of(path)}
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a valid weight index ({exc})") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (root / shard).is_file():
+                raise CheckpointError(f"{path} names shard {shard!r}, which is not in {root}")
+        return {key: root / shard for key, shard in weight_map.items()}
+    raise CheckpointError(
+        f"{root}: no weights found; expected one of model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def _keys_of(path: Path) -> list[str]:
+    with _open(path) as f:
+        return list(f.keys())
+
+
+class _PickleFile:
+    """The part of safetensors' `safe_open` interface the loader uses, over a torch pickle."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            self._sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(self._sd, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(self._sd).__name__}")
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[object]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                yield f
+        else:
+            yield _PickleFile(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors and torch.load raise many unrelated types on bad files
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+
+
+def read_state_dict(
+    root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors."""
+    where = weight_files(root)
+    stored = {k: f for k, f in where.items() if not is_unused(k)}
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        key = unexpected[0]
+        raise CheckpointError(
+            f"{where[key]}: unexpected key {key!r} (and {len(unexpected) - 1} more) that the model "
+            "described by config.json does not have"
+        )
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        sources = sorted({f.name for f in where.values()})
+        raise CheckpointError(
+            f"{root}: missing key {missing[0]!r} (and {len(missing) - 1} more) in {', '.join(sources)}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, path in stored.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for key in keys:
+                tensor = f.get_tensor(key)
+                want = expected[key]
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise CheckpointError(
+                        f"{path}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(want.shape)}"
+                    )
+                state[key] = tensor.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype)
+    return state
+
+
+def stored_dtype(root: Path) -> torch.dtype:
+    """The dtype of one floating-point weight, read without loading the checkpoint."""
+    where = weight_files(root)
+    key = next((k for k in where if k.endswith("embed_tokens.weight")), next(iter(where)))
+    with _open(where[key]) as f:
+        return f.get_tensor(key).dtype
+
+
+def load_model(
+    model_path: str | Path,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    **_: object,
+) -> "MultiModalityCausalLM":  # noqa: F821
+    from ..models.janus import MultiModalityCausalLM
+
+    root = resolve_checkpoint(model_path, revision)
+    config = JanusConfig.from_file(root / "config.json")
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, config, stored_dtype(root) if dtype in (None, "auto") else torch.float32)
+    with torch.device("meta"):
+        model = MultiModalityCausalLM(config)
+    expected = {k: v for k, v in model.state_dict().items() if not is_unused(k)}
+    if config.language_config.tie_word_embeddings:
+        expected.pop("language_model.lm_head.weight", None)
+    state = read_state_dict(root, expected, target_dtype, target_device)
+    model.load_state_dict(state, strict=not config.language_config.tie_word_embeddings, assign=True)
+    if config.language_config.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.checkpoint_path = root
+    return model.eval().requires_grad_(False)
+
+
+__all__ = ["load_model", "read_state_dict", "weight_files", "resolve_device", "resolve_dtype",
+           "CheckpointError", "CheckpointNotFoundError", "is_unused"]

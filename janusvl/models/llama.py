@@ -1,0 +1,212 @@
+"""The LLaMA decoder Janus uses as `language_model`, with the module names of transformers'
+`LlamaForCausalLM` (so checkpoint keys load one to one) and the numerics of its reference code:
+RMSNorm in fp32 then cast, rotate-half RoPE computed in fp32, SDPA attention, SwiGLU MLP.
+
+Calls take embeddings (DeepSeek's pipeline never passes ids to the decoder) or ids, an optional
+padding mask, and a `KVCache` that the caller owns or that is created on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LanguageConfig
+from .kv_cache import KVCache
+
+
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, head_dim] for integer positions [B, T], computed in fp32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions[:, :, None].float() * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B, T, hd]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, hd]
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self, batch: int, capacity: int, growable: bool = False) -> KVCache:
+        cfg = self.config
+        weight = self.embed_tokens.weight
+        return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim,
+                       capacity, weight.dtype, weight.device, growable=growable)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
+        **_: object,
+    ) -> BaseModelOutput:
+        """Run new tokens through the decoder. `attention_mask` [B, T] (or [B, past+T], as HF
+        callers pass it) marks real tokens; `past_key_values` continues an earlier call.
+        `position_ids` default to the cache offset onwards, as in transformers' forward; the
+        generation code passes padding-aware positions, as transformers' generate does."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        cache = past_key_values
+        if cache is None:
+            cache = self.new_cache(B, max(T, 16), growable=True)
+        cache.reserve(T)
+        if attention_mask is None:
+            mask_new = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        else:
+            mask_new = attention_mask[:, -T:].to(device=x.device, dtype=torch.bool)
+        cache.append_mask(mask_new)
+        if position_ids is None:
+            position_ids = torch.arange(cache.length, cache.length + T, device=x.device).expand(B, T)
+        positions = position_ids.to(x.device)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = cache.attention_mask(T)
+        for layer in self.layers:
+            x = layer(x, rope, cache, mask)
+        cache.advance(T)
+        return BaseModelOutput(self.norm(x), cache if use_cache or past_key_values is not None else None)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: object,
+    ) -> CausalLMOutput:
+        """Logits [B, T, vocab] (only the last `logits_to_keep` positions when it is > 0)."""
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return CausalLMOutput(self.lm_head(h), out.past_key_values)
+
+    def generate(self, **kwargs: object) -> torch.Tensor:
+        """DeepSeek's call: new token ids [B, n]; see `janusvl.generation.text.generate`."""
+        from ..generation.text import generate
+
+        return generate(self, **kwargs)
