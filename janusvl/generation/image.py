@@ -1,0 +1,178 @@
+"""Text-to-image generation (spec §5), as DeepSeek's generation_inference.py does it.
+
+Classifier-free guidance runs 2n rows in one batch: even rows see the prompt, odd rows the same
+prompt with everything but its first and last token replaced by the pad id. One prefill fills a
+preallocated KV cache; each step then guides the gen_head logits, samples one VQ code per pair
+and feeds its embedding to both rows. VQ-16 turns the codes into pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..messages import detect_roles
+from ..models.janus import MultiModalityCausalLM
+from ..models.vq import pixels_to_pil
+from ..processing.processor import VLChatProcessor
+from .sampling import make_generator
+
+# Maps guided fp32 logits [n, V] to the next VQ code ids [n].
+Sampler = Callable[[torch.Tensor], torch.Tensor]
+
+
+def image_prompt(processor: VLChatProcessor, prompt: str, roles: tuple[str, str] | None = None) -> str:
+    """DeepSeek's generation prompt: the chat template with an empty system prompt, then
+    `<begin_of_image>` so that the next token the model predicts is the first image code."""
+    user, assistant = roles or detect_roles(processor.tokenizer)
+    text = processor.apply_sft_template_for_multi_turn_prompts(
+        conversations=[{"role": user, "content": prompt}, {"role": assistant, "content": ""}],
+        sft_format=processor.sft_format,
+        system_prompt="",
+    )
+    return text + processor.image_start_tag
+
+
+def cfg_input_ids(prompt_ids: Sequence[int], n: int, pad_id: int) -> torch.Tensor:
+    """[2n, T] ids: rows 0, 2, ... conditional, rows 1, 3, ... unconditional (only the first
+    token, BOS, and the last, `<begin_of_image>`, survive; the rest become pad)."""
+    cond = torch.tensor(list(prompt_ids), dtype=torch.long)
+    uncond = cond.clone()
+    uncond[1:-1] = pad_id
+    return torch.stack((cond, uncond)).repeat(n, 1)
+
+
+def image_grid(model: MultiModalityCausalLM) -> int:
+    """Codes per side: the image side over VQ-16's downsampling (384 / 16 = 24)."""
+    return model.config.vision_config.image_size // model.config.gen_vision_config.downsample
+
+
+def _positive_number(name: str, value: object) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_image_args(prompt: object, n: object, cfg_weight: object, temperature: object,
+                     seed: object = None) -> None:
+    """Raise InputError naming the first bad argument; cheap, so callers run it before loading."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
+    _positive_number("cfg_weight", cfg_weight)
+    _positive_number("temperature", temperature)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InputError(f"seed must be an integer or None, got {seed!r}")
+
+
+def multinomial_sampler(temperature: float, generator: torch.Generator | None) -> Sampler:
+    """DeepSeek's draw: one sample from softmax(logits / temperature) per row."""
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return draw
+
+
+@torch.inference_mode()
+def image_token_steps(model: MultiModalityCausalLM, input_ids: torch.Tensor, cfg_weight: float,
+                      sampler: Sampler, steps: int) -> Iterator[torch.Tensor]:
+    """Yield the next code ids [n] for `steps` steps; `input_ids` [2n, T] come from cfg_input_ids."""
+    lm = model.language_model.model
+    B, T = input_ids.shape
+    cache = lm.new_cache(B, T + steps)
+    x = model.language_model.get_input_embeddings()(input_ids.to(model.device))  # [2n, T, D]
+    for step in range(steps):
+        h = lm(inputs_embeds=x, use_cache=True, past_key_values=cache).last_hidden_state[:, -1]
+        # [2n, V] in the model's dtype: DeepSeek's script guides and samples in it, and so do we,
+        # so a bf16 model draws exactly the codes DeepSeek's code draws.
+        logits = model.gen_head(h)
+        cond, uncond = logits[0::2], logits[1::2]
+        ids = sampler(uncond + cfg_weight * (cond - uncond))
+        yield ids
+        if step + 1 < steps:
+            # Both rows of a pair continue with the code the pair drew.
+            x = model.prepare_gen_img_embeds(ids.repeat_interleave(2))[:, None]  # [2n, 1, D]
+
+
+def generate_image_tokens(
+    model: MultiModalityCausalLM,
+    processor: VLChatProcessor,
+    prompt: str,
+    n: int = 1,
+    cfg_weight: float = 5.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    progress: bool = False,
+    roles: tuple[str, str] | None = None,
+    sampler: Sampler | None = None,
+) -> torch.Tensor:
+    """VQ code ids [n, grid*grid] (row-major over the grid) for `n` images of `prompt`.
+
+    `seed` seeds a torch.Generator on the model's device, so the same seed and arguments give the
+    same codes (None: torch's global RNG). `progress` shows a bar on stderr. `roles` overrides the
+    detected (user, assistant) role names. `sampler`, when given, replaces the draw from
+    softmax(guided / temperature): it gets the guided logits (model dtype) [n, V] and returns ids [n].
+    """
+    check_image_args(prompt, n, cfg_weight, temperature, seed)
+    if roles is not None and not (isinstance(roles, (tuple, list)) and len(roles) == 2
+                                  and all(isinstance(r, str) and r for r in roles)):
+        raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
+    ids = processor.tokenizer.encode(image_prompt(processor, prompt, roles))
+    steps = image_grid(model) ** 2
+    limit = model.config.language_config.max_position_embeddings
+    if len(ids) + steps > limit:
+        raise InputError(f"prompt is {len(ids)} tokens; with {steps} image tokens that exceeds the "
+                         f"model's context of {limit} (max_position_embeddings)")
+    if sampler is None:
+        sampler = multinomial_sampler(temperature, make_generator(seed, model.device))
+    input_ids = cfg_input_ids(ids, n, processor.pad_id)
+    tokens = torch.empty(n, steps, dtype=torch.long, device=model.device)
+    bar = tqdm(image_token_steps(model, input_ids, cfg_weight, sampler, steps), total=steps,
+               disable=not progress, file=sys.stderr, desc="image tokens", unit="tok")
+    for i, step_ids in enumerate(bar):
+        tokens[:, i] = step_ids
+    return tokens
+
+
+@torch.inference_mode()
+def decode_image_tokens(model: MultiModalityCausalLM, tokens: torch.Tensor, chunk: int = 8) -> list[Image.Image]:
+    """Code ids [n, grid*grid] -> n RGB images, decoded `chunk` at a time (in the model's dtype) so
+    the decoder's full-resolution activations stay bounded for large n."""
+    grid = image_grid(model)
+    if tokens.dim() != 2 or tokens.shape[1] != grid * grid:
+        raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(tokens.shape)}")
+    vq = model.gen_vision_model
+    images: list[Image.Image] = []
+    for part in tokens.to(model.device).split(chunk):
+        pixels = vq.decode_code(part, shape=[part.shape[0], vq.config.n_embed, grid, grid])
+        images.extend(pixels_to_pil(pixels))
+    return images
+
+
+def generate_images(
+    model: MultiModalityCausalLM,
+    processor: VLChatProcessor,
+    prompt: str,
+    n: int = 1,
+    cfg_weight: float = 5.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    progress: bool = False,
+    roles: tuple[str, str] | None = None,
+) -> list[Image.Image]:
+    """`n` images (RGB, 384 x 384 for the released models) generated from the text `prompt`.
+
+    cfg_weight is the classifier-free guidance scale and temperature divides the guided logits
+    (DeepSeek's defaults: 5 and 1). The same seed and arguments give the same images; the n images
+    of one call are different samples, and image i depends on n (the rows share one batch).
+    """
+    tokens = generate_image_tokens(model, processor, prompt, n=n, cfg_weight=cfg_weight,
+                                   temperature=temperature, seed=seed, progress=progress, roles=roles)
+    return decode_image_tokens(model, tokens)
