@@ -1,0 +1,70 @@
+"""The fast decoder paths give the plain path's results: packed bf16 exactly, int8 within bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from janusvl import MultiModalityCausalLM
+from janusvl.generation.text import generate
+from janusvl.models.fast import Int8Linear, PackedLinear, can_pack, optimize
+
+# Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
+INT8_MAX_REL_ERROR = 0.05
+
+
+def load(tiny_dir, quantize=None, fast=False):
+    model = MultiModalityCausalLM.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16")
+    if fast or quantize:
+        optimize(model.language_model, quantize)
+    return model
+
+
+def prompt(model, T: int = 40, B: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.language_config.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :7] = 0  # a left-padded row
+    return model.language_model.get_input_embeddings()(ids), mask
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="CPU without bf16 oneDNN")
+def test_packed_bf16_is_bit_identical(tiny_dir) -> None:
+    plain, fast = load(tiny_dir), load(tiny_dir, fast=True)
+    assert isinstance(fast.language_model.lm_head, PackedLinear)
+    assert fast.language_model.model.layers[0].self_attn.qkv_proj is not None
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        b = fast.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        assert torch.equal(a, b)
+        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast.language_model, embeds, **kw))
+
+
+def test_int8_logits_within_documented_error(tiny_dir) -> None:
+    plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
+    assert isinstance(q.language_model.lm_head, Int8Linear)
+    assert q.language_model.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
+        b = q.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
+    rel = ((a - b).norm() / a.norm()).item()
+    print(f"\nint8 vs bf16 last-token logits, relative L2 error: {rel:.4f}")
+    assert 0 < rel < INT8_MAX_REL_ERROR  # 0 would mean nothing was quantised
+
+
+def test_int8_linear_dequantises_to_the_weight() -> None:
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    layer = Int8Linear(w, None)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    ref = (x.float() @ (layer.qweight.float() * layer.scale.float()[:, None]).t())
+    torch.testing.assert_close(layer(x).float(), ref, rtol=2e-2, atol=2e-2)
+    # every row uses its full int8 range: the scale is absmax / 127
+    assert torch.equal(layer.qweight.abs().amax(1), torch.full((64,), 127, dtype=torch.int8))
+
+
+def test_optimize_rejects_unknown_quantisation(tiny_dir) -> None:
+    with pytest.raises(ValueError, match="int4"):
+        load(tiny_dir, quantize="int4")
