@@ -54,3 +54,40 @@ def hf_model(tiny):
     hf = transformers.JanusForConditionalGeneration(cfg).float().eval()
     hf.load_state_dict(to_transformers_state_dict(model.state_dict()), strict=True)
     return hf
+
+
+@pytest.fixture(scope="session")
+def janus(tiny):
+    """The high-level API over the session's tiny model (nothing in it mutates the model)."""
+    from janusvl import Janus
+
+    _, processor, model = tiny
+    return Janus(model, processor)
+
+
+EOS_PROMPT = "Describe."
+EOS_STEP = 5
+
+
+@pytest.fixture(scope="session")
+def eos_model(tiny):
+    """(model, base_ids): a copy of the tiny model that answers EOS_PROMPT with EOS at step
+    EOS_STEP, and the greedy ids the original model gives for that prompt.
+
+    The copy's lm_head row for EOS is 1.5 x the row of the token the original emits at EOS_STEP,
+    so EOS outranks that token there; tests check it fires there and not earlier."""
+    import copy
+
+    tokenizer, processor, model = tiny
+    conv = [{"role": "<|User|>", "content": EOS_PROMPT}, {"role": "<|Assistant|>", "content": ""}]
+    batch = processor(conversations=conv)
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**batch)
+        base = model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, eos_token_id=tokenizer.eos_token_id,
+            max_new_tokens=24, min_new_tokens=24, do_sample=False)[0].tolist()
+    biased = copy.deepcopy(model)
+    weight = biased.language_model.lm_head.weight
+    with torch.no_grad():
+        weight[tokenizer.eos_token_id] = 1.5 * weight[base[EOS_STEP]]
+    return biased, base

@@ -4,11 +4,12 @@ preallocated KV cache. `generate_tokens` is the one loop that the library call, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import InputError
+from ..models.kv_cache import KVCache
 from ..models.llama import LlamaForCausalLM
 from .sampling import SamplingParams, make_generator, sample
 
@@ -25,41 +26,73 @@ def _check_length(lm: LlamaForCausalLM, prompt_len: int, max_new_tokens: int) ->
         )
 
 
-@torch.inference_mode()
+def _eos_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        ids = []
+    else:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def prefill(lm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+            cache: KVCache) -> torch.Tensor:
+    """Run the whole (left-padded) prompt once; fp32 logits [B, V] for the first new token."""
+    # Positions count real tokens only, as transformers' generate does for left-padded rows.
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
+             past_key_values=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def decode_step(lm: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """Feed one token per row (ids [B] at positions [B, 1]); fp32 logits [B, V] for the next."""
+    embeds = lm.get_input_embeddings()(ids)[:, None]  # [B, 1, D]
+    ones = torch.ones(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+    out = lm(inputs_embeds=embeds, attention_mask=ones, position_ids=positions,
+             past_key_values=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
 def generate_tokens(
     lm: LlamaForCausalLM,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,
-    eos_token_id: int | list[int] | None,
+    eos_token_id: int | Sequence[int] | None,
     params: SamplingParams = SamplingParams(),
     min_new_tokens: int = 0,
     seed: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(ids [B], finished [B])` once per step. A row is finished after it produced EOS;
-    the caller stops early by closing the generator. Rows are left-padded prompts."""
+    """Yield `(ids [B], finished [B])` once per step. A row is finished from the step that
+    produced its EOS on (later ids of that row are meaningless); the loop ends after
+    `max_new_tokens` steps or when every row is finished, and the caller may stop earlier by
+    closing the iterator. Rows are left-padded prompts. Arguments are checked now, not at the
+    first step, so a bad request fails where it is made."""
     B, T, _ = inputs_embeds.shape
     _check_length(lm, T, max_new_tokens)
     device = inputs_embeds.device
-    eos = torch.tensor([] if eos_token_id is None else
-                       ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                       dtype=torch.long, device=device)
-    if generator is None:
-        generator = make_generator(seed, device)
-    cache = lm.model.new_cache(B, T + max_new_tokens)
-    embed = lm.get_input_embeddings()
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
         else attention_mask.to(device=device, dtype=torch.long)
-    # Positions count real tokens only, as transformers' generate does for left-padded rows.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
-             past_key_values=cache, logits_to_keep=1)
-    next_position = mask.sum(-1, keepdim=True)  # [B, 1]
-    step_mask = torch.ones(B, 1, dtype=torch.long, device=device)
+    if tuple(mask.shape) != (B, T):
+        raise InputError(f"attention_mask has shape {list(mask.shape)}, the embeddings need [{B}, {T}]")
+    if generator is None:
+        generator = make_generator(seed, device)
+    return _loop(lm, inputs_embeds, mask, max_new_tokens, _eos_ids(eos_token_id, device), params,
+                 min_new_tokens, generator)
+
+
+@torch.inference_mode()
+def _loop(lm: LlamaForCausalLM, inputs_embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+          eos: torch.Tensor, params: SamplingParams, min_new_tokens: int,
+          generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    B, T, _ = inputs_embeds.shape
+    cache = lm.model.new_cache(B, T + max_new_tokens)
+    logits = prefill(lm, inputs_embeds, mask, cache)
+    position = mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position in each row
+    finished = torch.zeros(B, dtype=torch.bool, device=inputs_embeds.device)
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
         if step < min_new_tokens and eos.numel():
             logits[:, eos] = float("-inf")
         ids = sample(logits, params, generator)
@@ -67,9 +100,8 @@ def generate_tokens(
         yield ids, finished
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
-        out = lm(inputs_embeds=embed(ids)[:, None], attention_mask=step_mask, position_ids=next_position,
-                 past_key_values=cache, logits_to_keep=1)
-        next_position = next_position + 1
+        logits = decode_step(lm, ids, position, cache)
+        position = position + 1
 
 
 def generate(
@@ -93,7 +125,8 @@ def generate(
 ) -> torch.Tensor:
     """DeepSeek's `language_model.generate(...)`: the new ids [B, n], rows padded with
     `pad_token_id` after their EOS. Sampling defaults follow transformers' generate
-    (`do_sample=False` is greedy; with sampling, top_k 50 unless given)."""
+    (`do_sample=False` is greedy; with sampling, top_k 50 unless given). Decoding always uses
+    the KV cache; `use_cache` and `bos_token_id` are accepted for DeepSeek's call."""
     if inputs_embeds is None:
         if input_ids is None:
             raise InputError("generate needs inputs_embeds (or input_ids)")

@@ -1,0 +1,5 @@
+"""`python -m janusvl ...` runs the command line."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The high-level API: `Janus.from_pretrained(...)`, then `.chat(...)` / `.chat_batch(...)`.
+
+Every call drives the one decode loop, `generation.text.generate_tokens`: a batch of
+conversations is left-padded into one pass, each row's ids go through its own `TextStream`
+(incremental detokenizer + stop strings), and rows leave the batch's bookkeeping as they end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import InputError
+from .generation.sampling import SamplingParams
+from .generation.stream import TextStream
+from .generation.text import generate_tokens
+from .messages import Messages, build_conversation, detect_roles
+from .models.janus import MultiModalityCausalLM
+from .processing import ImageSource, VLChatProcessor, apply_sft_template
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    prompt_tokens: int  # image tokens included
+    completion_tokens: int  # the EOS, or the token that completed a stop string, included
+
+
+class _Run:
+    """One batched generation: yields (row, text chunk) as text becomes final."""
+
+    def __init__(self, janus: Janus, batch: Sequence[Messages | str], max_new_tokens: int,
+                 params: SamplingParams, seed: int | None, stop: Sequence[str],
+                 roles: tuple[str, str] | None) -> None:
+        processor, model = janus.processor, janus.model
+        outputs = []
+        for messages in batch:
+            prompt, images = janus.build_prompt(messages, roles)
+            outputs.append(processor.process_one(prompt=prompt, images=images))
+        inputs = processor.batchify(outputs).to(model.device, model.dtype)
+        with torch.inference_mode():
+            embeds = model.prepare_inputs_embeds(**inputs)
+        self.prompt_tokens = [len(o) for o in outputs]
+        self._steps = generate_tokens(model.language_model, embeds, inputs.attention_mask,
+                                      max_new_tokens, janus.tokenizer.eos_token_id, params, seed=seed)
+        self.streams = [TextStream(janus.tokenizer, stop) for _ in outputs]
+        self.counts = [0] * len(outputs)
+        self.reasons: list[str | None] = [None] * len(outputs)
+
+    def events(self) -> Iterator[tuple[int, str]]:
+        try:
+            for ids, finished in self._steps:
+                for row, (token, eos) in enumerate(zip(ids.tolist(), finished.tolist(), strict=True)):
+                    if self.reasons[row] is None:
+                        yield from self._push(row, token, eos)
+                if all(self.reasons):
+                    break
+            for row, reason in enumerate(self.reasons):
+                if reason is None:
+                    self.reasons[row] = "length"
+                    yield row, self.streams[row].finish()
+        finally:
+            self._steps.close()  # frees the KV cache when a consumer stops early
+
+    def _push(self, row: int, token: int, eos: bool) -> Iterator[tuple[int, str]]:
+        stream = self.streams[row]
+        self.counts[row] += 1
+        yield row, stream.push(token)
+        if eos or stream.stopped:
+            self.reasons[row] = "stop"
+            yield row, stream.finish()
+
+    def results(self) -> list[ChatResult]:
+        return [ChatResult(s.text, r or "length", p, c)
+                for s, r, p, c in zip(self.streams, self.reasons, self.prompt_tokens, self.counts, strict=True)]
+
+
+class ChatStream:
+    """Iterator over the answer's text chunks. When it is exhausted, `result` holds the
+    `ChatResult` (reading `result` earlier runs the generation to its end first)."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._rows = run.events()
+        self._events = (chunk for _, chunk in self._rows if chunk)
+        self._result: ChatResult | None = None
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._events)
+        except StopIteration:
+            self._result = self._run.results()[0]
+            raise
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return self._run.streams[0].text
+
+    @property
+    def result(self) -> ChatResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        assert self._result is not None
+        return self._result
+
+    def close(self) -> None:
+        """Stop generating (the result then reports what was produced, finish_reason "length")."""
+        self._events.close()
+        self._rows.close()
+        self._result = self._run.results()[0]
+
+
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+class Janus:
+    """A loaded Janus model with a chat interface. `.model`, `.processor` and `.tokenizer` are
+    DeepSeek's objects (`MultiModalityCausalLM`, `VLChatProcessor`, its tokenizer)."""
+
+    def __init__(self, model: MultiModalityCausalLM, processor: VLChatProcessor,
+                 roles: tuple[str, str] | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.roles = tuple(roles) if roles else detect_roles(self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype | None = "auto", revision: str | None = None,
+                        roles: tuple[str, str] | None = None) -> Janus:
+        """Load a checkpoint directory or Hub id. `device` "auto" picks cuda, mps, then cpu;
+        `dtype` "auto" keeps the checkpoint's dtype. `roles` overrides the detected role names."""
+        from .loading.checkpoint import load_model
+        from .loading.hub import resolve_checkpoint
+
+        root = resolve_checkpoint(model, revision)
+        processor = VLChatProcessor.from_pretrained(root)
+        return cls(load_model(root, device=device, dtype=dtype), processor, roles)
+
+    def build_prompt(self, messages: Messages | str,
+                     roles: tuple[str, str] | None = None) -> tuple[str, list[ImageSource]]:
+        """The prompt text the model will see for `messages`, and their images in tag order."""
+        conv = build_conversation(messages, roles or self.roles, self.processor.image_tag)
+        system = self.processor.system_prompt if conv.system_prompt is None else conv.system_prompt
+        return apply_sft_template(conv.messages, self.processor.sft_format, system), conv.images
+
+    def chat(self, messages: Messages | str, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | Sequence[str] | None = None, stream: bool = False,
+             roles: tuple[str, str] | None = None) -> ChatResult | ChatStream:
+        """Answer one conversation (see `janusvl.messages` for the accepted forms).
+
+        temperature 0 is greedy; otherwise sampling with top_p / top_k (0 = off), reproducible
+        under `seed`. Generation ends at EOS, at a `stop` string (cut before it) or after
+        `max_new_tokens`. With stream=True, returns a `ChatStream` of text chunks."""
+        run = self._run([messages], max_new_tokens, temperature, top_p, top_k, seed, stop, roles)
+        if stream:
+            return ChatStream(run)
+        for _ in run.events():
+            pass
+        return run.results()[0]
+
+    def chat_batch(self, conversations: Sequence[Messages | str], max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                   seed: int | None = None, stop: str | Sequence[str] | None = None,
+                   roles: tuple[str, str] | None = None) -> list[ChatResult]:
+        """Answer many conversations in one left-padded batch; results in the same order."""
+        if isinstance(conversations, str) or not conversations:
+            raise InputError("chat_batch takes a non-empty list of conversations")
+        run = self._run(conversations, max_new_tokens, temperature, top_p, top_k, seed, stop, roles)
+        for _ in run.events():
+            pass
+        return run.results()
+
+    def _run(self, batch: Sequence[Messages | str], max_new_tokens: int, temperature: float,
+             top_p: float, top_k: int, seed: int | None, stop: str | Sequence[str] | None,
+             roles: tuple[str, str] | None) -> _Run:
+        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+        return _Run(self, batch, int(max_new_tokens), params, seed, _stop_list(stop), roles)
+
+    def generate_images(self, prompt: str, n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
+                        seed: int | None = None, progress: bool = False) -> list[Image.Image]:
+        """`n` images (384 x 384 RGB for the released models) generated from the text `prompt`,
+        as DeepSeek's generation_inference.py does; see `janusvl.generation.image`."""
+        from .generation.image import generate_images
+
+        return generate_images(self.model, self.processor, prompt, n=n, cfg_weight=cfg_weight,
+                               temperature=temperature, seed=seed, progress=progress, roles=self.roles)
