@@ -9,6 +9,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra:+[$extra]}" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import janusvl" || { echo "janusvl failed to install" >&2; exit 1; }
+.venv/bin/python -c "import torch, janusvl" || { echo "installing torch or janusvl into .venv failed" >&2; exit 1; }

@@ -207,3 +207,12 @@ def test_hub_id_not_cached_offline_says_what_to_download(tmp_path, monkeypatch) 
 def test_missing_local_path_is_named(tmp_path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no such checkpoint directory"):
         MultiModalityCausalLM.from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def test_unavailable_or_unknown_device_is_a_clear_error(bf16_dir) -> None:
+    from janusvl import InputError
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="'cuda'.*no CUDA device"):
+            MultiModalityCausalLM.from_pretrained(bf16_dir, device="cuda")
+    with pytest.raises(InputError, match="'gpu0' is not a device name"):
+        MultiModalityCausalLM.from_pretrained(bf16_dir, device="gpu0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import JanusConfig
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, InputError
 from .hub import resolve_checkpoint
 
 # Key groups the checkpoint carries but the pipeline never uses; dropped by name, never loosely.
@@ -43,19 +43,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
+    if target.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r} was asked for, but MPS is not available here")
+    return target
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: JanusConfig, stored: torch.dtype) -> torch.dtype:
     """"auto" (or None) keeps the checkpoint's own dtype (config `torch_dtype`, else the weights')."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
+            raise InputError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
         return dtype
     if dtype is None or dtype == "auto":
         return DTYPES.get(str(config.torch_dtype), stored if stored.is_floating_point else torch.float32)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use auto, bfloat16, float16 or float32")
+        raise InputError(f"dtype {dtype!r} is not supported; use auto, bfloat16, float16 or float32")
     return DTYPES[dtype]
 
 
@@ -122,38 +130,69 @@ def _open(path: Path) -> Iterator[object]:
         raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
 
 
-def read_state_dict(
-    root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors."""
-    where = weight_files(root)
-    stored = {k: f for k, f in where.items() if not is_unused(k)}
-    unexpected = sorted(set(stored) - set(expected))
+def expected_state(config: JanusConfig, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The keys (as meta tensors, for shapes and dtypes) a checkpoint for `config` must hold,
+    without the unused groups, and without lm_head when it is tied to the embeddings. `model`, if
+    given, is that model already built on the meta device."""
+    if model is None:
+        from ..models.janus import MultiModalityCausalLM
+
+        with torch.device("meta"):
+            model = MultiModalityCausalLM(config)
+    expected = {k: v for k, v in model.state_dict().items() if not is_unused(k)}
+    if config.language_config.tie_word_embeddings:
+        expected.pop("language_model.lm_head.weight", None)
+    return expected
+
+
+def check_keys(root: Path, where: dict[str, Path], expected: dict[str, torch.Tensor]) -> None:
+    """Strict key check of `where` (from `weight_files`): unused groups may be present or not;
+    any other unexpected or missing key is an error naming it and its file."""
+    stored = {k for k in where if not is_unused(k)}
+    unexpected = sorted(stored - set(expected))
     if unexpected:
         key = unexpected[0]
         raise CheckpointError(
             f"{where[key]}: unexpected key {key!r} (and {len(unexpected) - 1} more) that the model "
             "described by config.json does not have"
         )
-    missing = sorted(set(expected) - set(stored))
+    missing = sorted(set(expected) - stored)
     if missing:
         sources = sorted({f.name for f in where.values()})
         raise CheckpointError(
             f"{root}: missing key {missing[0]!r} (and {len(missing) - 1} more) in {', '.join(sources)}"
         )
-    state: dict[str, torch.Tensor] = {}
+
+
+def check_shape(path: Path, key: str, tensor: torch.Tensor, want: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"{path}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(want.shape)}"
+        )
+
+
+def keys_by_file(where: dict[str, Path]) -> dict[Path, list[str]]:
+    """Group `where` by file, keeping the stored key order, so each file is opened once."""
     by_file: dict[Path, list[str]] = {}
-    for key, path in stored.items():
+    for key, path in where.items():
         by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
+    return by_file
+
+
+def read_state_dict(
+    root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors."""
+    where = weight_files(root)
+    check_keys(root, where, expected)
+    stored = {k: f for k, f in where.items() if not is_unused(k)}
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in keys_by_file(stored).items():
         with _open(path) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
                 want = expected[key]
-                if tuple(tensor.shape) != tuple(want.shape):
-                    raise CheckpointError(
-                        f"{path}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(want.shape)}"
-                    )
+                check_shape(path, key, tensor, want)
                 state[key] = tensor.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype)
     return state
 
@@ -181,9 +220,7 @@ def load_model(
     target_dtype = resolve_dtype(dtype, config, stored_dtype(root) if dtype in (None, "auto") else torch.float32)
     with torch.device("meta"):
         model = MultiModalityCausalLM(config)
-    expected = {k: v for k, v in model.state_dict().items() if not is_unused(k)}
-    if config.language_config.tie_word_embeddings:
-        expected.pop("language_model.lm_head.weight", None)
+    expected = expected_state(config, model)
     state = read_state_dict(root, expected, target_dtype, target_device)
     model.load_state_dict(state, strict=not config.language_config.tie_word_embeddings, assign=True)
     if config.language_config.tie_word_embeddings:
@@ -192,5 +229,5 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["load_model", "read_state_dict", "weight_files", "resolve_device", "resolve_dtype",
-           "CheckpointError", "CheckpointNotFoundError", "is_unused"]
+__all__ = ["load_model", "read_state_dict", "weight_files", "expected_state", "check_keys",
+           "resolve_device", "resolve_dtype", "CheckpointError", "CheckpointNotFoundError", "is_unused"]

@@ -22,6 +22,8 @@ def _decode(data: bytes, what: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now, so a broken file fails here and not deep inside preprocessing
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"{what}: not a readable image (unknown or unsupported format)") from None
     except _DECODE_ERRORS as exc:
         raise ImageLoadError(f"{what}: not a readable image ({exc})") from None
     return image
