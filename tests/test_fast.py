@@ -59,8 +59,13 @@ def test_int8_linear_dequantises_to_the_weight() -> None:
     w = torch.randn(64, 32).to(torch.bfloat16)
     layer = Int8Linear(w, None)
     x = torch.randn(3, 32).to(torch.bfloat16)
-    ref = (x.float() @ (layer.qweight.float() * layer.scale.float()[:, None]).t())
-    torch.testing.assert_close(layer(x).float(), ref, rtol=2e-2, atol=2e-2)
+    dequantised = layer.qweight.float() * layer.scale.float()[:, None]
+    assert ((dequantised - w.float()).abs() <= layer.scale.float()[:, None] / 2 + 1e-6).all()
+    ref = x.float() @ dequantised.t()
+    # activations are quantised per call too (uint8, dynamic range), so the product is approximate
+    got = layer(x).float()
+    assert got.dtype == torch.float32 and layer(x).dtype == torch.bfloat16
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03
     # every row uses its full int8 range: the scale is absmax / 127
     assert torch.equal(layer.qweight.abs().amax(1), torch.full((64,), 127, dtype=torch.int8))
 
