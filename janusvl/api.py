@@ -143,15 +143,22 @@ class Janus:
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = "auto", revision: str | None = None,
-                        roles: tuple[str, str] | None = None) -> Janus:
+                        roles: tuple[str, str] | None = None, quantize: str | None = None) -> Janus:
         """Load a checkpoint directory or Hub id. `device` "auto" picks cuda, mps, then cpu;
-        `dtype` "auto" keeps the checkpoint's dtype. `roles` overrides the detected role names."""
+        `dtype` "auto" keeps the checkpoint's dtype. `roles` overrides the detected role names.
+        The decoder gets the fast paths of `janusvl.models.fast` (exact for bf16);
+        `quantize="int8"` also stores its weights as int8 (faster decoding, small logit error)."""
         from .loading.checkpoint import load_model
         from .loading.hub import resolve_checkpoint
+        from .models.fast import optimize
 
+        if quantize not in (None, "none", "int8"):
+            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
         root = resolve_checkpoint(model, revision)
         processor = VLChatProcessor.from_pretrained(root)
-        return cls(load_model(root, device=device, dtype=dtype), processor, roles)
+        vl_gpt = load_model(root, device=device, dtype=dtype)
+        optimize(vl_gpt.language_model, None if quantize == "none" else quantize)
+        return cls(vl_gpt, processor, roles)
 
     def build_prompt(self, messages: Messages | str,
                      roles: tuple[str, str] | None = None) -> tuple[str, list[ImageSource]]:

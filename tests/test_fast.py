@@ -7,10 +7,11 @@ import torch
 
 from janusvl import MultiModalityCausalLM
 from janusvl.generation.text import generate
-from janusvl.models.fast import Int8Linear, PackedLinear, can_pack, optimize
+from janusvl.models.fast import DYNAMIC_MAX_ROWS, Int8Linear, PackedLinear, can_pack, optimize
 
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
-INT8_MAX_REL_ERROR = 0.05
+INT8_PREFILL_MAX_REL_ERROR = 0.03
+INT8_DECODE_MAX_REL_ERROR = 0.08
 
 
 def load(tiny_dir, quantize=None, fast=False):
@@ -42,17 +43,32 @@ def test_packed_bf16_is_bit_identical(tiny_dir) -> None:
         assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast.language_model, embeds, **kw))
 
 
-def test_int8_logits_within_documented_error(tiny_dir) -> None:
+@pytest.mark.parametrize("T, path, bound", [
+    (40, "prefill: int8 weights x bf16 activations", INT8_PREFILL_MAX_REL_ERROR),
+    (8, "decode-sized: fbgemm dynamic (activations quantised too)", INT8_DECODE_MAX_REL_ERROR),
+])
+def test_int8_logits_within_documented_error(tiny_dir, T, path, bound) -> None:
     plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
     assert isinstance(q.language_model.lm_head, Int8Linear)
     assert q.language_model.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
-    embeds, mask = prompt(plain)
+    embeds, mask = prompt(plain, T=T)
+    assert (embeds.shape[0] * T <= DYNAMIC_MAX_ROWS) == path.startswith("decode")
     with torch.inference_mode():
         a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
         b = q.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
     rel = ((a - b).norm() / a.norm()).item()
-    print(f"\nint8 vs bf16 last-token logits, relative L2 error: {rel:.4f}")
-    assert 0 < rel < INT8_MAX_REL_ERROR  # 0 would mean nothing was quantised
+    print(f"\nint8 vs bf16 last-token logits, {path}, relative L2 error: {rel:.4f}")
+    assert 0 < rel < bound  # 0 would mean nothing was quantised
+
+
+def test_int8_generation_runs_both_paths(tiny_dir) -> None:
+    plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
+    embeds, mask = prompt(plain)
+    kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+    a, b = generate(plain.language_model, embeds, **kw), generate(q.language_model, embeds, **kw)
+    assert a.shape == b.shape == (2, 12)
+    # random tiny weights give flat logits, so greedy choices may part; most still agree
+    assert (a == b).float().mean().item() > 0.5
 
 
 def test_int8_linear_dequantises_to_the_weight() -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ["chat", "demo", "imagine"]
+COMMANDS = ["chat", "demo", "imagine", "convert", "bench"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="janusvl", description="Run DeepSeek's Janus models: answer questions about images.")
+        prog="janusvl", description="Run DeepSeek's Janus models: answer questions about images, generate images.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"janusvl {__version__}")

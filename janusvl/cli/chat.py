@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     sampling = sampling_kwargs(args)
     images = [open_image(path) for path in args.image]
-    janus = load(args.model, args.device, args.dtype)
+    janus = load(args.model, args.device, args.dtype, args.quantize)
     system = [] if args.system is None else [{"role": "system", "content": args.system}]
     if args.prompt is not None:
         messages = [*system, user_message(args.prompt, images)]

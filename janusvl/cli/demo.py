@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def answer(args: argparse.Namespace, model: str) -> int:
-    janus = load(model, args.device, args.dtype)
+    janus = load(model, args.device, args.dtype, args.quantize)
     status("Image: a generated 384x256 picture (a red-roofed house, grass, a yellow sun). "
            f"Prompt: {args.prompt!r}")
     message = {"role": "user", "content": [{"type": "image", "image": demo_image()},

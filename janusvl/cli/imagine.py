@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     check_image_args(args.prompt, args.num_images, args.cfg_weight, args.temperature, seed)
     check_device(args.device)
     prepare_output_dir(args.output_dir)
-    janus = load(args.model, args.device, args.dtype)
+    janus = load(args.model, args.device, args.dtype, args.quantize)
     status(f"Seed {seed}" + ("" if args.seed is not None else f" (pass --seed {seed} to repeat this run)"))
     tokens = generate_image_tokens(janus.model, janus.processor, args.prompt, n=args.num_images,
                                    cfg_weight=args.cfg_weight, temperature=args.temperature,

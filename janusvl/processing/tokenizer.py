@@ -25,7 +25,7 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 TokenIds = Union[Sequence[int], torch.Tensor]
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
     """The object in `file`, {} when the file does not exist."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -106,9 +106,9 @@ class JanusTokenizer:
             backend = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise ConfigError(f"{file}: cannot load tokenizer: {exc}") from None
-        config = _read_json(path / TOKENIZER_CONFIG)
+        config = read_json_object(path / TOKENIZER_CONFIG)
         # special_tokens_map.json overrides tokenizer_config.json, as in transformers.
-        specials = {**config, **_read_json(path / SPECIAL_TOKENS_MAP)}
+        specials = {**config, **read_json_object(path / SPECIAL_TOKENS_MAP)}
         extra = specials.get("additional_special_tokens") or []
         return cls(
             backend,

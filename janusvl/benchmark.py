@@ -1,0 +1,339 @@
+"""Speed and memory of janusvl beside transformers' Janus, with this machine's bounds.
+
+Each engine runs in its own subprocess (so load time and peak RSS are its own), on the same
+checkpoint, image and prompt. The parent measures the machine's memory read bandwidth and bf16
+GEMM rate and prints every figure beside its bound. `janusvl bench` and benchmarks/bench.py call
+`main`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QUESTION = "Describe this image in detail."
+IMAGE_PROMPT = "A watercolor painting of a lighthouse on a cliff at sunset."
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def test_image() -> Any:
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    rgb = np.stack([x * 255 / 639, y * 255 / 479, (x + y) * 127 / 1118], -1) + rng.integers(-30, 30, (480, 640, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype("uint8"), "RGB")
+
+
+# ---------------------------------------------------------------- machine bounds
+
+def machine_bounds(threads: int) -> dict[str, float]:
+    """Memory read bandwidth (GB/s, a streaming reduction over 1 GB) and bf16 GEMM rate (GFLOP/s)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, far beyond any cache
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(3))
+    bandwidth = buf.numel() * 4 / best / 1e9
+    del buf
+    a = torch.randn(2048, 2048).to(torch.bfloat16)
+    b = torch.randn(2048, 4096).to(torch.bfloat16)
+    a @ b
+    gemm = min(_timed(lambda: a @ b) for _ in range(3))
+    return {"bandwidth_gbs": bandwidth, "bf16_gflops": 2 * 2048 * 2048 * 4096 / gemm / 1e9}
+
+
+def _timed(fn: Any) -> float:
+    t = _now()
+    fn()
+    return _now() - t
+
+
+def model_costs(ckpt: Path) -> dict[str, float]:
+    """Bytes read per decoded token, FLOPs of the vision tower and of a prefill, weight bytes."""
+    from .config import JanusConfig
+
+    cfg = JanusConfig.from_file(ckpt / "config.json")
+    lc, vc = cfg.language_config, cfg.vision_config
+    kv = lc.num_key_value_heads * lc.head_dim
+    layer = lc.hidden_size * (2 * lc.hidden_size + 2 * kv) + 3 * lc.hidden_size * lc.intermediate_size
+    decoder_params = lc.num_hidden_layers * layer + lc.vocab_size * lc.hidden_size  # + lm_head
+    spec = vc.spec
+    vit_params = vc.num_blocks * (4 * spec.width ** 2 + 2 * spec.width * spec.mlp_hidden)
+    aligner = cfg.aligner_config.input_dim * lc.hidden_size + lc.hidden_size ** 2
+    return {
+        "bytes_per_token": decoder_params * 2,  # bf16
+        "vision_flops": 2 * vc.num_patches * (vit_params + aligner),
+        "prefill_flops_per_token": 2 * lc.num_hidden_layers * layer,
+        "weight_bytes": sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix in (".safetensors", ".bin")),
+    }
+
+
+# ---------------------------------------------------------------- workers (one engine per process)
+
+def _inputs(processor: Any, batch: int) -> Any:
+    image = test_image()
+    conv = [{"role": _user_role(processor), "content": "<image_placeholder>\n" + QUESTION, "images": [image]},
+            {"role": _assistant_role(processor), "content": ""}]
+    return processor.batchify([processor.process_one(conversations=conv, images=[image]) for _ in range(batch)])
+
+
+def _user_role(processor: Any) -> str:
+    from .messages import detect_roles
+
+    return detect_roles(processor.tokenizer)[0]
+
+
+def _assistant_role(processor: Any) -> str:
+    from .messages import detect_roles
+
+    return detect_roles(processor.tokenizer)[1]
+
+
+def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from .generation.image import generate_images
+    from .generation.text import generate_tokens
+    from .models.fast import optimize
+    from .models.janus import MultiModalityCausalLM
+    from .processing import VLChatProcessor
+
+    out: dict[str, Any] = {}
+    t = _now()
+    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="bfloat16")
+    processor = VLChatProcessor.from_pretrained(ckpt)
+    optimize(model.language_model, opts.get("quantize"))
+    out["load_s"] = _now() - t
+    t = _now()
+    inputs = _inputs(processor, 1)
+    out["preprocess_ms"] = (_now() - t) * 1e3
+    with torch.inference_mode():
+        model.prepare_inputs_embeds(**inputs)  # warm-up: first touches of the weights
+        t = _now()
+        embeds = model.prepare_inputs_embeds(**inputs)
+        out["vision_s"] = _now() - t
+        out["prompt_tokens"] = int(inputs.input_ids.shape[1])
+        del embeds
+        for batch in (1, 8):
+            b = inputs if batch == 1 else _inputs(processor, batch)
+            t = _now()  # time to first token: vision encode, fusion, prefill, first sample
+            e = model.prepare_inputs_embeds(**b)
+            stamps = [_now() for _ in generate_tokens(model.language_model, e, b.attention_mask,
+                                                     opts["new_tokens"] + 1, None)]
+            if batch == 1:
+                out["ttft_s"] = stamps[0] - t
+            out[f"decode_tps_b{batch}"] = batch * opts["new_tokens"] / (stamps[-1] - stamps[0])
+        if opts["image_batches"]:  # warm-up: first touches of the generation head and VQ decoder
+            model.gen_head(e[:1, -1])
+            model.gen_vision_model.decode_code(torch.zeros(1, 576, dtype=torch.long), shape=[1, 8, 24, 24])
+        for n in opts["image_batches"]:
+            t = _now()
+            generate_images(model, processor, IMAGE_PROMPT, n=n, seed=0)
+            out[f"image_s_n{n}"] = (_now() - t) / n
+    out["peak_rss_gb"] = _rss_gb()
+    return out
+
+
+def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from transformers import JanusForConditionalGeneration
+
+    from .processing import VLChatProcessor
+
+    out: dict[str, Any] = {}
+    hf_dir = Path(opts["hf_dir"])
+    t = _now()
+    model = JanusForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    out["load_s"] = _now() - t
+    processor = VLChatProcessor.from_pretrained(ckpt)  # same ids and pixels for both engines
+    inputs = _inputs(processor, 1)
+    tok = processor.tokenizer
+    common = dict(generation_mode="text", do_sample=False, pad_token_id=tok.eos_token_id,
+                  eos_token_id=None, bos_token_id=tok.bos_token_id)
+    with torch.inference_mode():
+        pix = inputs.pixel_values[0].to(torch.bfloat16)
+        model.model.get_image_features(pix)
+        t = _now()
+        model.model.get_image_features(pix)
+        out["vision_s"] = _now() - t
+        for batch in (1, 8):
+            b = inputs if batch == 1 else _inputs(processor, batch)
+            kwargs = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                          pixel_values=b.pixel_values[:, 0].to(torch.bfloat16), **common)
+            t = _now()
+            model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1)
+            first = _now() - t
+            t = _now()
+            ids = model.generate(**kwargs, max_new_tokens=opts["new_tokens"] + 1,
+                                 min_new_tokens=opts["new_tokens"] + 1)
+            total = _now() - t
+            decoded = ids.shape[1] - (b.input_ids.shape[1] if ids.shape[1] > b.input_ids.shape[1] else 0) - 1
+            if batch == 1:
+                out["ttft_s"] = first
+            out[f"decode_tps_b{batch}"] = batch * decoded / (total - first)
+        from .generation.image import image_prompt
+
+        from transformers import GenerationConfig
+
+        ids = torch.tensor([tok.encode(image_prompt(processor, IMAGE_PROMPT))])
+        if opts["image_batches"]:
+            model.model.vqmodel.decode(torch.zeros(1, 576, dtype=torch.long))  # warm-up, as for janusvl
+        for n in opts["image_batches"]:
+            config = GenerationConfig(
+                do_sample=True, guidance_scale=5.0, num_return_sequences=n, bos_token_id=tok.bos_token_id,
+                pad_token_id=processor.pad_id, generation_kwargs={"boi_token_id": processor.image_start_id})
+            t = _now()
+            codes = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                   generation_config=config)
+            model.decode_image_tokens(codes)
+            out[f"image_s_n{n}"] = (_now() - t) / n
+    out["peak_rss_gb"] = _rss_gb()
+    return out
+
+
+def _worker(engine: str, ckpt: str, opts_json: str) -> None:
+    opts = json.loads(opts_json)
+    torch.set_num_threads(opts["threads"])
+    torch.manual_seed(0)
+    run = run_janusvl if engine == "janusvl" else run_transformers
+    print("RESULT " + json.dumps(run(Path(ckpt), opts)), flush=True)
+
+
+def _spawn(engine: str, ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "janusvl.benchmark", engine, str(ckpt), json.dumps(opts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+
+
+# ---------------------------------------------------------------- report
+
+ROWS = [  # key, label, unit, higher is better
+    ("load_s", "load", "s", False),
+    ("preprocess_ms", "preprocessing", "ms", False),
+    ("vision_s", "vision encode + align", "s", False),
+    ("ttft_s", "time to first token", "s", False),
+    ("decode_tps_b1", "decode, batch 1", "tok/s", True),
+    ("decode_tps_b8", "decode, batch 8 (aggregate)", "tok/s", True),
+    ("image_s_n1", "image generation, n=1", "s/image", False),
+    ("image_s_n4", "image generation, n=4", "s/image", False),
+    ("peak_rss_gb", "peak RSS", "GB", False),
+]
+
+
+def bounds_for(results: dict[str, Any], costs: dict[str, float], machine: dict[str, float]) -> dict[str, float]:
+    """The best each figure could be on this machine (time figures: lower bounds; rates: upper)."""
+    gflops, bw = machine["bf16_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9
+    prompt = results.get("prompt_tokens", 0)
+    vision = costs["vision_flops"] / gflops
+    return {
+        "vision_s": vision,
+        "ttft_s": vision + prompt * costs["prefill_flops_per_token"] / gflops,
+        "decode_tps_b1": bw / costs["bytes_per_token"],
+        "peak_rss_gb": costs["weight_bytes"] / 1e9,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    ours, theirs, bounds = report["janusvl"], report.get("transformers") or {}, report["bounds"]
+    lines = [f"{'figure':32} {'janusvl':>12} {'transformers':>13} {'ratio':>7} {'bound':>10} {'of bound':>9}"]
+    for key, label, unit, higher in ROWS:
+        a, b, bound = ours.get(key), theirs.get(key), bounds.get(key)
+        if a is None:
+            continue
+        ratio = ""
+        if isinstance(b, (int, float)) and b and a:
+            ratio = f"{(a / b if higher else b / a):.2f}x"
+        frac = ""
+        if bound:
+            frac = f"{(a / bound if higher else bound / a) * 100:.0f}%"
+        lines.append(f"{label + ' (' + unit + ')':32} {a:12.3f} {b if isinstance(b, str) else (f'{b:.3f}' if b is not None else '-'):>13} "
+                     f"{ratio:>7} {(f'{bound:.3f}' if bound else ''):>10} {frac:>9}")
+    m = report["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
+                 f"bf16 GEMM {m['bf16_gflops']:.0f} GFLOP/s; torch {m['torch']}")
+    lines.append("ratio: how many times faster (or smaller) janusvl is; of bound: janusvl's figure as a share of the "
+                 "machine's limit")
+    if "error" in theirs:
+        lines.append(f"transformers failed: {theirs['error']}")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    """A Janus-Pro-1B-shaped random bf16 checkpoint, written once into the user cache."""
+    from .testing.checkpoint import write_checkpoint
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "janusvl" / "bench-pro-1b"
+    if not (root / "model.safetensors").is_file():
+        if progress:
+            print(f"writing a Janus-Pro-1B-sized random checkpoint to {root} (4.2 GB, about a minute)",
+                  file=sys.stderr)
+        tmp = root.with_name(root.name + ".partial")
+        write_checkpoint(tmp, size="pro-1b", layout="safetensors", dtype=torch.bfloat16)
+        tmp.rename(root)
+    return root
+
+
+def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool = True,
+        transformers: bool = True, quantize: str | None = None) -> dict[str, Any]:
+    from .loading.hub import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(model) if model else default_checkpoint()
+    machine = {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__, **machine_bounds(threads)}
+    opts = {"threads": threads, "new_tokens": new_tokens, "image_batches": [1, 4] if images else [],
+            "quantize": quantize}
+    costs = model_costs(ckpt)
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "machine": machine, "options": opts}
+    print("running janusvl ...", file=sys.stderr)
+    report["janusvl"] = _spawn("janusvl", ckpt, opts)
+    if "error" in report["janusvl"]:
+        raise RuntimeError(f"janusvl benchmark failed: {report['janusvl']['error']}")
+    if transformers:
+        report["transformers"] = _with_transformers(ckpt, opts)
+    report["bounds"] = bounds_for(report["janusvl"], costs, machine)
+    return report
+
+
+def _with_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"error": "transformers is not installed (pip install 'janusvl[hf]')"}
+    from .loading.convert import convert_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="janusvl-bench-hf-") as tmp:
+        print("writing the checkpoint in transformers' layout ...", file=sys.stderr)
+        hf_dir = convert_checkpoint(ckpt, Path(tmp) / "hf", to="hf")
+        print("running transformers ...", file=sys.stderr)
+        return _spawn("transformers", ckpt, {**opts, "hf_dir": str(hf_dir)})
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])

@@ -1,0 +1,333 @@
+"""`janusvl convert`: lossless DeepSeek-layout copies from every weight layout, the transformers
+layout (loaded strictly by transformers, same logits), and failures that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import make_image
+from janusvl import CheckpointError, CheckpointNotFoundError, MultiModalityCausalLM
+from janusvl.cli import main
+from janusvl.cli.convert import parse_size
+from janusvl.loading.convert import ConvertError, convert_checkpoint
+from janusvl.testing.checkpoint import WEIGHT_LAYOUTS, save_weights, write_checkpoint
+
+UNUSED = ("vision_model.vision_tower.attn_pool.latent", "gen_vision_model.quantize.codebook_used")
+CONVERSATION = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this.",
+                 "images": [make_image(200, 120, seed=11)]},
+                {"role": "<|Assistant|>", "content": ""}]
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("convert") / "ckpt", dtype=torch.bfloat16, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(bf16_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(bf16_dir / "model.safetensors"))
+
+
+def last_logits(model: MultiModalityCausalLM, processor) -> torch.Tensor:
+    batch = processor(conversations=CONVERSATION, images=CONVERSATION[0]["images"])
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**batch.to("cpu", model.dtype))
+        return model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(bf16_dir: Path) -> torch.Tensor:
+    from janusvl import load_pretrained_model
+
+    _, processor, model = load_pretrained_model(bf16_dir, device="cpu")
+    return last_logits(model, processor)
+
+
+def small_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in root.iterdir()
+            if p.suffix == ".json" and not p.name.endswith(".index.json")}
+
+
+def source_in_layout(bf16_dir: Path, reference: dict[str, torch.Tensor], dst: Path, layout: str) -> Path:
+    dst.mkdir()
+    for name, data in small_files(bf16_dir).items():
+        (dst / name).write_bytes(data)
+    save_weights(reference, dst, layout, shards=3)
+    return dst
+
+
+def read_output(dst: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Every tensor of a safetensors checkpoint, and which keys each file holds (checked against
+    the index when there is one)."""
+    index = dst / "model.safetensors.index.json"
+    files = sorted(dst.glob("*.safetensors"))
+    tensors, by_file = {}, {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            by_file[path.name] = list(f.keys())
+            for key in f.keys():
+                assert key not in tensors, f"{key} stored twice"
+                tensors[key] = f.get_tensor(key)
+    if index.exists():
+        data = json.loads(index.read_text())
+        assert data["weight_map"] == {k: name for name, keys in by_file.items() for k in keys}
+        assert data["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    return tensors, by_file
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+def test_deepseek_copy_is_lossless_from_every_layout(bf16_dir, reference, reference_logits, tmp_path, layout) -> None:
+    src = source_in_layout(bf16_dir, reference, tmp_path / "src", layout)
+    total = sum(t.nbytes for t in reference.values())
+    limit = total // 4
+    dst = convert_checkpoint(src, tmp_path / "out", max_shard_bytes=limit)
+
+    tensors, by_file = read_output(dst)
+    assert len(by_file) >= 4
+    assert sorted(by_file) == [f"model-{i:05d}-of-{len(by_file):05d}.safetensors" for i in range(1, len(by_file) + 1)]
+    for name, keys in by_file.items():  # full shards stay under the limit; only a lone tensor may not
+        assert len(keys) == 1 or sum(tensors[k].nbytes for k in keys) <= limit, name
+    assert set(tensors) == set(reference) and all(k in tensors for k in UNUSED)
+    for key, want in reference.items():
+        assert tensors[key].dtype == want.dtype and torch.equal(tensors[key], want), key
+
+    assert small_files(dst) == small_files(src)  # byte for byte
+    modes = {p.stat().st_mode & 0o777 for p in dst.iterdir()}  # shards as readable as the json files
+    assert modes == {(dst / "config.json").stat().st_mode & 0o777}
+    assert {p.name for p in dst.iterdir()} == set(small_files(src)) | set(by_file) | {"model.safetensors.index.json"}
+    assert leftovers(tmp_path) == []
+
+    from janusvl import load_pretrained_model
+
+    _, processor, model = load_pretrained_model(dst, device="cpu")
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(last_logits(model, processor), reference_logits)
+
+
+def test_one_shard_is_a_single_file_and_dtype_casts(bf16_dir, reference, tmp_path) -> None:
+    dst = convert_checkpoint(bf16_dir, tmp_path / "fp32", dtype="float32")
+    assert sorted(p.name for p in dst.glob("model*")) == ["model.safetensors"]
+    tensors, _ = read_output(dst)
+    assert set(tensors) == set(reference)
+    for key, want in reference.items():
+        assert tensors[key].dtype == torch.float32 and torch.equal(tensors[key], want.float()), key
+    # config.json states the new dtype (the loader's "auto" follows it); nothing else changes.
+    config = json.loads((dst / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["language_config"]["torch_dtype"] == "float32"
+    source = json.loads((bf16_dir / "config.json").read_text())
+    source["torch_dtype"] = source["language_config"]["torch_dtype"] = "float32"
+    assert config == source
+    src_files, dst_files = small_files(bf16_dir), small_files(dst)
+    assert {k: v for k, v in dst_files.items() if k != "config.json"} == \
+           {k: v for k, v in src_files.items() if k != "config.json"}
+    assert MultiModalityCausalLM.from_pretrained(dst, device="cpu").dtype == torch.float32
+
+
+def test_hf_layout_loads_strictly_in_transformers_with_the_same_logits(tiny, tiny_dir, tmp_path) -> None:
+    import transformers
+
+    from janusvl.loading.hf_layout import to_transformers_state_dict
+
+    dst = convert_checkpoint(tiny_dir, tmp_path / "hf", to="hf", max_shard_bytes=30 * 10**6)
+    _, by_file = read_output(dst)
+    assert len(by_file) >= 2
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["torch_dtype"]) == \
+           ("janus", ["JanusForConditionalGeneration"], "float32")
+
+    hf, info = transformers.JanusForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and not info["error_msgs"]
+    tokenizer, processor, model = tiny
+    want = to_transformers_state_dict(model.state_dict())
+    got = hf.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+    # transformers' own processor, from the written files, builds the same inputs as ours.
+    hf_processor = transformers.AutoProcessor.from_pretrained(dst)
+    ours = processor(conversations=CONVERSATION, images=CONVERSATION[0]["images"])
+    text = ours.sft_format[0].removeprefix(processor.system_prompt + "\n\n")
+    theirs = hf_processor(text=text, images=CONVERSATION[0]["images"], return_tensors="pt")
+    assert torch.equal(theirs["input_ids"], ours.input_ids)
+    assert torch.equal(theirs["pixel_values"], ours.pixel_values[:, 0])
+    assert hf.config.image_token_id == processor.image_id == tokenizer.vocab["<image_placeholder>"]
+    assert hf.config.text_config.eos_token_id == tokenizer.eos_token_id
+
+    with torch.no_grad():
+        logits = hf.eval()(**theirs).logits[:, -1]
+    torch.testing.assert_close(logits, last_logits(model, processor), rtol=0, atol=2e-5)
+
+
+def test_hub_id_from_a_cache_of_symlinks(bf16_dir, reference, tmp_path, monkeypatch) -> None:
+    """As huggingface_hub lays it out: snapshot entries are symlinks into blobs/."""
+    repo = tmp_path / "hub" / "models--deepseek-ai--Janus-Pro-1B"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(bf16_dir.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    dst = convert_checkpoint("deepseek-ai/Janus-Pro-1B", tmp_path / "out", max_shard_bytes=10**7)
+    assert not any(p.is_symlink() for p in dst.iterdir())
+    assert small_files(dst) == small_files(bf16_dir)
+    tensors, by_file = read_output(dst)
+    assert len(by_file) >= 2 and set(tensors) == set(reference)
+    assert all(torch.equal(tensors[k], v) for k, v in reference.items())
+
+
+def test_hf_layout_of_a_tied_checkpoint_gets_its_own_lm_head(tiny_dir, tmp_path) -> None:
+    """transformers' Janus is written untied; a tied source's embeddings become its lm_head."""
+    import transformers
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["language_config"]["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    state = load_file(str(src / "model.safetensors"))
+    del state["language_model.lm_head.weight"]
+    save_weights(state, src, "safetensors")
+
+    dst = convert_checkpoint(src, tmp_path / "hf", to="hf")  # one shard: embed and head side by side
+    hf, info = transformers.JanusForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    embed = state["language_model.model.embed_tokens.weight"]
+    assert torch.equal(hf.lm_head.weight, embed) and torch.equal(hf.model.language_model.embed_tokens.weight, embed)
+    assert hf.lm_head.weight.data_ptr() != hf.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_non_empty_destination_is_refused_unless_forced(bf16_dir, tmp_path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="not empty"):
+        convert_checkpoint(bf16_dir, dst)
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"] and (dst / "notes.txt").read_text() == "mine"
+    assert leftovers(tmp_path) == []
+
+    convert_checkpoint(bf16_dir, dst, force=True)  # replaced as a whole: the old file is gone
+    assert "notes.txt" not in {p.name for p in dst.iterdir()} and (dst / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_empty_destination_is_used(bf16_dir, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    dst = convert_checkpoint(bf16_dir, tmp_path / "out")
+    assert (dst / "model.safetensors").is_file()
+
+
+def test_source_is_never_the_destination(bf16_dir, tmp_path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in bf16_dir.iterdir()}
+    with pytest.raises(ConvertError, match="is the source"):
+        convert_checkpoint(bf16_dir, bf16_dir, force=True)
+    with pytest.raises(ConvertError, match="contains the source"):
+        convert_checkpoint(bf16_dir, bf16_dir.parent, force=True)
+    assert {p.name: p.stat().st_mtime_ns for p in bf16_dir.iterdir()} == before
+    assert leftovers(bf16_dir.parent) == []
+
+
+def test_bad_sources_write_nothing(bf16_dir, reference, tmp_path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        convert_checkpoint(tmp_path / "nope", tmp_path / "out")
+    broken = source_in_layout(bf16_dir, {k: v for k, v in reference.items()
+                                         if k != "language_model.model.norm.weight"},
+                              tmp_path / "broken", "safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key 'language_model\.model\.norm\.weight'"):
+        convert_checkpoint(broken, tmp_path / "out")
+    # A shape error is only found while streaming, after writing began: still nothing is left.
+    shrunk = dict(reference, **{"aligner.layers.2.weight": reference["aligner.layers.2.weight"][:, :10]})
+    bad_shape = source_in_layout(bf16_dir, shrunk, tmp_path / "bad_shape", "sharded-safetensors")
+    with pytest.raises(CheckpointError, match=r"'aligner\.layers\.2\.weight' has shape \(64, 10\)"):
+        convert_checkpoint(bad_shape, tmp_path / "out", max_shard_bytes=10**6)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_write_failure_midway_leaves_nothing(bf16_dir, tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fail_on_third(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_on_third)
+    with pytest.raises(ConvertError, match="No space left on device"):
+        convert_checkpoint(bf16_dir, tmp_path / "out", max_shard_bytes=10**6)
+    assert len(calls) == 3
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_unwritable_destination(bf16_dir, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConvertError, match="cannot write to"):
+        convert_checkpoint(bf16_dir, tmp_path / "file" / "out")
+    with pytest.raises(ConvertError, match="not a directory"):
+        convert_checkpoint(bf16_dir, tmp_path / "file")
+
+
+def test_cli_converts_with_progress_on_stderr(bf16_dir, reference, tmp_path, capsys) -> None:
+    dst = tmp_path / "out"
+    assert main(["convert", str(bf16_dir), str(dst), "--max-shard-size", "8MB", "--dtype", "keep"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "Converting" in err and f"Wrote {dst}" in err
+    tensors, by_file = read_output(dst)
+    assert len(by_file) >= 2 and all(torch.equal(tensors[k], v) for k, v in reference.items())
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "no such checkpoint directory"),
+    ("not_empty", "is not empty; use --force"),
+    ("unwritable", "cannot write to"),
+])
+def test_cli_errors_are_one_line_and_leave_nothing(bf16_dir, tmp_path, capsys, case, message) -> None:
+    src, dst = bf16_dir, tmp_path / "out"
+    if case == "missing":
+        src = tmp_path / "missing"
+    elif case == "not_empty":
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    else:
+        (tmp_path / "file").write_text("x")
+        dst = tmp_path / "file" / "out"
+    assert main(["convert", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("janusvl convert: error:") or "\njanusvl convert: error:" in err
+    assert message in err and "Traceback" not in err
+    assert leftovers(tmp_path) == []
+    if case == "not_empty":
+        assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    elif case == "missing":
+        assert not dst.exists()
+
+
+def test_shard_sizes_parse_like_transformers(capsys) -> None:
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("1GiB") == 2**30
+    assert parse_size("1.5kb") == 1500
+    assert parse_size("4096") == 4096
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "a", "b", "--max-shard-size", "2XB"])
+    assert exit_.value.code == 2 and "2XB" in capsys.readouterr().err
