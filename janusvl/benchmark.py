@@ -29,6 +29,14 @@ def _now() -> float:
 
 
 def _rss_gb() -> float:
+    """This process's peak resident memory. Linux's ru_maxrss survives exec, so a worker would
+    report its parent's peak too; VmHWM belongs to the process image alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
@@ -44,19 +52,26 @@ def test_image() -> Any:
 
 # ---------------------------------------------------------------- machine bounds
 
-def machine_bounds(threads: int) -> dict[str, float]:
-    """Memory read bandwidth (GB/s, a streaming reduction over 1 GB) and bf16 GEMM rate (GFLOP/s)."""
+def machine_bounds(threads: int) -> dict[str, Any]:
+    """Memory read bandwidth (GB/s, a streaming reduction over 1 GiB) and GEMM rate (GFLOP/s) in
+    bf16, or in fp32 on CPUs without native bf16 (where bf16 GEMMs are emulated, ~500x slower)."""
     torch.set_num_threads(threads)
     buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, far beyond any cache
     buf.sum()
     best = min(_timed(buf.sum) for _ in range(3))
     bandwidth = buf.numel() * 4 / best / 1e9
     del buf
-    a = torch.randn(2048, 2048).to(torch.bfloat16)
-    b = torch.randn(2048, 4096).to(torch.bfloat16)
+    dtype = torch.bfloat16 if native_bf16() else torch.float32
+    a = torch.randn(2048, 2048).to(dtype)
+    b = torch.randn(2048, 4096).to(dtype)
     a @ b
     gemm = min(_timed(lambda: a @ b) for _ in range(3))
-    return {"bandwidth_gbs": bandwidth, "bf16_gflops": 2 * 2048 * 2048 * 4096 / gemm / 1e9}
+    return {"bandwidth_gbs": bandwidth, "gemm_gflops": 2 * 2048 * 2048 * 4096 / gemm / 1e9,
+            "gemm_dtype": str(dtype).removeprefix("torch.")}
+
+
+def native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _timed(fn: Any) -> float:
@@ -106,19 +121,30 @@ def _assistant_role(processor: Any) -> str:
     return detect_roles(processor.tokenizer)[1]
 
 
-def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from .generation.image import generate_images
-    from .generation.text import generate_tokens
+def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
     from .models.fast import optimize
     from .models.janus import MultiModalityCausalLM
     from .processing import VLChatProcessor
 
-    out: dict[str, Any] = {}
     t = _now()
     model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="bfloat16")
     processor = VLChatProcessor.from_pretrained(ckpt)
     optimize(model.language_model, opts.get("quantize"))
-    out["load_s"] = _now() - t
+    return model, processor, _now() - t
+
+
+def run_load(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """Load only: the figure for a second checkpoint layout."""
+    load_s = _load_janusvl(ckpt, opts)[2]
+    return {"load_s": load_s, "peak_rss_gb": _rss_gb()}
+
+
+def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from .generation.image import generate_images
+    from .generation.text import generate_tokens
+
+    out: dict[str, Any] = {}
+    model, processor, out["load_s"] = _load_janusvl(ckpt, opts)
     t = _now()
     inputs = _inputs(processor, 1)
     out["preprocess_ms"] = (_now() - t) * 1e3
@@ -150,7 +176,18 @@ def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from transformers import JanusForConditionalGeneration
+    from transformers import JanusForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+
+    class _StepClock(StoppingCriteria):
+        """Called once per generated token, right after it is chosen: the same stamps janusvl's
+        loop gives."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            self.times.append(_now())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     from .processing import VLChatProcessor
 
@@ -172,19 +209,15 @@ def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
         out["vision_s"] = _now() - t
         for batch in (1, 8):
             b = inputs if batch == 1 else _inputs(processor, batch)
-            kwargs = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                          pixel_values=b.pixel_values[:, 0].to(torch.bfloat16), **common)
+            stamps = _StepClock()
             t = _now()
-            model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1)
-            first = _now() - t
-            t = _now()
-            ids = model.generate(**kwargs, max_new_tokens=opts["new_tokens"] + 1,
-                                 min_new_tokens=opts["new_tokens"] + 1)
-            total = _now() - t
-            decoded = ids.shape[1] - (b.input_ids.shape[1] if ids.shape[1] > b.input_ids.shape[1] else 0) - 1
+            model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                           pixel_values=b.pixel_values[:, 0].to(torch.bfloat16), **common,
+                           max_new_tokens=opts["new_tokens"] + 1, min_new_tokens=opts["new_tokens"] + 1,
+                           stopping_criteria=StoppingCriteriaList([stamps]))
             if batch == 1:
-                out["ttft_s"] = first
-            out[f"decode_tps_b{batch}"] = batch * decoded / (total - first)
+                out["ttft_s"] = stamps.times[0] - t
+            out[f"decode_tps_b{batch}"] = batch * (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0])
         from .generation.image import image_prompt
 
         from transformers import GenerationConfig
@@ -209,7 +242,7 @@ def _worker(engine: str, ckpt: str, opts_json: str) -> None:
     opts = json.loads(opts_json)
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(0)
-    run = run_janusvl if engine == "janusvl" else run_transformers
+    run = {"janusvl": run_janusvl, "transformers": run_transformers, "load": run_load}[engine]
     print("RESULT " + json.dumps(run(Path(ckpt), opts)), flush=True)
 
 
@@ -227,6 +260,7 @@ def _spawn(engine: str, ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
 
 ROWS = [  # key, label, unit, higher is better
     ("load_s", "load", "s", False),
+    ("load_bin_s", "load from pytorch_model.bin", "s", False),
     ("preprocess_ms", "preprocessing", "ms", False),
     ("vision_s", "vision encode + align", "s", False),
     ("ttft_s", "time to first token", "s", False),
@@ -235,12 +269,13 @@ ROWS = [  # key, label, unit, higher is better
     ("image_s_n1", "image generation, n=1", "s/image", False),
     ("image_s_n4", "image generation, n=4", "s/image", False),
     ("peak_rss_gb", "peak RSS", "GB", False),
+    ("peak_rss_bin_gb", "peak RSS, loading the .bin", "GB", False),
 ]
 
 
 def bounds_for(results: dict[str, Any], costs: dict[str, float], machine: dict[str, float]) -> dict[str, float]:
     """The best each figure could be on this machine (time figures: lower bounds; rates: upper)."""
-    gflops, bw = machine["bf16_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9
+    gflops, bw = machine["gemm_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9
     prompt = results.get("prompt_tokens", 0)
     vision = costs["vision_flops"] / gflops
     return {
@@ -248,6 +283,7 @@ def bounds_for(results: dict[str, Any], costs: dict[str, float], machine: dict[s
         "ttft_s": vision + prompt * costs["prefill_flops_per_token"] / gflops,
         "decode_tps_b1": bw / costs["bytes_per_token"],
         "peak_rss_gb": costs["weight_bytes"] / 1e9,
+        "peak_rss_bin_gb": costs["weight_bytes"] / 1e9,
     }
 
 
@@ -268,7 +304,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{ratio:>7} {(f'{bound:.3f}' if bound else ''):>10} {frac:>9}")
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
-                 f"bf16 GEMM {m['bf16_gflops']:.0f} GFLOP/s; torch {m['torch']}")
+                 f"{m['gemm_dtype']} GEMM {m['gemm_gflops']:.0f} GFLOP/s; torch {m['torch']}")
     lines.append("ratio: how many times faster (or smaller) janusvl is; of bound: janusvl's figure as a share of the "
                  "machine's limit")
     if "error" in theirs:
@@ -286,17 +322,18 @@ def _cpu_name() -> str:
     return "unknown CPU"
 
 
-def default_checkpoint(progress: bool = True) -> Path:
+def default_checkpoint(layout: str = "safetensors", progress: bool = True) -> Path:
     """A Janus-Pro-1B-shaped random bf16 checkpoint, written once into the user cache."""
     from .testing.checkpoint import write_checkpoint
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "janusvl" / "bench-pro-1b"
-    if not (root / "model.safetensors").is_file():
+    name = "bench-pro-1b" if layout == "safetensors" else f"bench-pro-1b-{layout}"
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "janusvl" / name
+    if not (root / "config.json").is_file():
         if progress:
-            print(f"writing a Janus-Pro-1B-sized random checkpoint to {root} (4.2 GB, about a minute)",
+            print(f"writing a Janus-Pro-1B-sized random checkpoint ({layout}) to {root} (4.2 GB, about a minute)",
                   file=sys.stderr)
         tmp = root.with_name(root.name + ".partial")
-        write_checkpoint(tmp, size="pro-1b", layout="safetensors", dtype=torch.bfloat16)
+        write_checkpoint(tmp, size="pro-1b", layout=layout, dtype=torch.bfloat16)
         tmp.rename(root)
     return root
 
@@ -315,6 +352,12 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
     report["janusvl"] = _spawn("janusvl", ckpt, opts)
     if "error" in report["janusvl"]:
         raise RuntimeError(f"janusvl benchmark failed: {report['janusvl']['error']}")
+    if model is None:  # the .bin release layout too: its load is the slow one
+        loaded = _spawn("load", default_checkpoint("bin"), opts)
+        if "error" in loaded:
+            raise RuntimeError(f"janusvl benchmark failed loading pytorch_model.bin: {loaded['error']}")
+        report["janusvl"]["load_bin_s"] = loaded["load_s"]
+        report["janusvl"]["peak_rss_bin_gb"] = loaded["peak_rss_gb"]
     if transformers:
         report["transformers"] = _with_transformers(ckpt, opts)
     report["bounds"] = bounds_for(report["janusvl"], costs, machine)

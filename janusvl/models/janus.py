@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import JanusConfig
 from ..errors import InputError
-from .llama import LlamaForCausalLM
+from .llama import Embedding, LlamaForCausalLM
 from .projector import MlpProjector, VisionHead
 from .siglip import CLIPVisionTower
 from .vq import VQModel
@@ -27,7 +27,7 @@ class MultiModalityCausalLM(nn.Module):
         head = config.gen_head_config
         self.gen_head = VisionHead(head.n_embed, head.image_token_embed, head.image_token_size)
         gen = config.gen_vision_config
-        self.gen_embed = nn.Embedding(gen.image_token_size, gen.n_embed)
+        self.gen_embed = Embedding(gen.image_token_size, gen.n_embed)
         self.language_model = LlamaForCausalLM(config.language_config)
 
     @classmethod

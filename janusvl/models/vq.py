@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import GenVisionConfig
+from .llama import Embedding
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, n_codes: int, dim: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(n_codes, dim)
+        self.embedding = Embedding(n_codes, dim)
         # The checkpoint's `codebook_used` (a training statistic) gets no home here: the loader
         # drops it by name (janusvl.loading.checkpoint.UNUSED_KEYS).
 
