@@ -12,9 +12,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .layers import linear
 from .llama import LlamaForCausalLM
 
 
@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
         if self.packed is not None and x2.device.type == "cpu" and x2.shape[0] <= DYNAMIC_MAX_ROWS:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, not _HAS_VNNI).to(x.dtype)
         else:
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+            y = linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..config import JanusConfig
 from ..errors import InputError
-from .llama import Embedding, LlamaForCausalLM
+from .layers import Embedding
+from .llama import LlamaForCausalLM
 from .projector import MlpProjector, VisionHead
 from .siglip import CLIPVisionTower
 from .vq import VQModel

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import LanguageConfig
 from .kv_cache import KVCache
+from .layers import Embedding, Linear, attention
 
 
 @dataclass
@@ -28,16 +29,6 @@ class BaseModelOutput:
 class CausalLMOutput:
     logits: torch.Tensor
     past_key_values: KVCache | None = None
-
-
-class Embedding(nn.Embedding):
-    """nn.Embedding that leaves its weight uninitialised on the meta device. The checkpoint
-    supplies the weight; torch's meta-device normal_ would import its Python reference kernels
-    (~1.7 s) just to draw nothing."""
-
-    def reset_parameters(self) -> None:
-        if self.weight.device.type != "meta":
-            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -79,10 +70,10 @@ class Attention(nn.Module):
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
         # Set by janusvl.models.fast: one GEMM for q, k and v (the three projections are then gone).
         self.qkv_proj: nn.Module | None = None
 
@@ -106,7 +97,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, hd]
-        out = F.scaled_dot_product_attention(
+        out = attention(
             q, k, v,
             attn_mask=mask,
             is_causal=mask is None and T > 1,
@@ -118,9 +109,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # set by janusvl.models.fast: gate and up in one GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import AlignerConfig
+from .layers import Linear
 
 
 class MlpProjector(nn.Module):
@@ -16,11 +17,11 @@ class MlpProjector(nn.Module):
         if cfg.projector_type == "identity":
             self.layers: nn.Module = nn.Identity()
         elif cfg.projector_type == "linear":
-            self.layers = nn.Linear(cfg.input_dim, cfg.n_embed)
+            self.layers = Linear(cfg.input_dim, cfg.n_embed)
         else:  # mlp_gelu
-            modules: list[nn.Module] = [nn.Linear(cfg.input_dim, cfg.n_embed)]
+            modules: list[nn.Module] = [Linear(cfg.input_dim, cfg.n_embed)]
             for _ in range(1, cfg.depth):
-                modules += [nn.GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
+                modules += [nn.GELU(), Linear(cfg.n_embed, cfg.n_embed)]
             self.layers = nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,9 @@ class VisionHead(nn.Module):
 
     def __init__(self, n_embed: int, image_token_embed: int, image_token_size: int) -> None:
         super().__init__()
-        self.output_mlp_projector = nn.Linear(n_embed, image_token_embed)
+        self.output_mlp_projector = Linear(n_embed, image_token_embed)
         self.vision_activation = nn.GELU()
-        self.vision_head = nn.Linear(image_token_embed, image_token_size)
+        self.vision_head = Linear(image_token_embed, image_token_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vision_head(self.vision_activation(self.output_mlp_projector(x)))

@@ -12,28 +12,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .layers import Conv2d, Linear, attention
 
 
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, hd]
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -55,7 +56,7 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, width: int, patch: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+        self.proj = Conv2d(3, width, kernel_size=patch, stride=patch)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(pixels).flatten(2).transpose(1, 2)  # [B, N, W]

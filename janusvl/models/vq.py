@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import GenVisionConfig
-from .llama import Embedding
+from .layers import Conv2d, Embedding, bmm
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -32,10 +32,10 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.norm1 = _norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.norm2 = _norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(swish(self.norm1(x)))
@@ -50,10 +50,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -61,16 +61,16 @@ class AttnBlock(nn.Module):
         # LlamaGen's exact op order (bmm, scale, softmax, bmm), so results match it bit for bit.
         q = self.q(h).reshape(B, C, H * W).permute(0, 2, 1)  # [B, HW, C]
         k = self.k(h).reshape(B, C, H * W)  # [B, C, HW]
-        w = torch.softmax(torch.bmm(q, k) * (int(C) ** (-0.5)), dim=2)  # [B, HW(q), HW(k)]
+        w = torch.softmax(bmm(q, k) * (int(C) ** (-0.5)), dim=2)  # [B, HW(q), HW(k)]
         v = self.v(h).reshape(B, C, H * W)
-        o = torch.bmm(v, w.permute(0, 2, 1)).reshape(B, C, H, W)
+        o = bmm(v, w.permute(0, 2, 1)).reshape(B, C, H, W)
         return self.proj_out(o).add_(x)
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Asymmetric zero padding (right and bottom only), which Conv2d's padding cannot express.
@@ -80,7 +80,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -115,7 +115,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: GenVisionConfig) -> None:
         super().__init__()
         ch, mult, n = cfg.base_channels, cfg.channel_multiplier, len(cfg.channel_multiplier)
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.conv_in = Conv2d(3, ch, 3, padding=1)
         c_ins = (1, *mult[:-1])  # level i reads what level i-1 wrote
         self.conv_blocks = nn.ModuleList(
             Level(ch * c_ins[i], ch * mult[i], cfg.num_res_blocks, attn=i == n - 1,
@@ -125,7 +125,7 @@ class Encoder(nn.Module):
         c = ch * mult[-1]
         self.mid = _mid(c)
         self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, mult, n = cfg.base_channels, cfg.channel_multiplier, len(cfg.channel_multiplier)
         c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _mid(c)
         # Levels run from the lowest resolution (multiplier mult[-1], the only one with attention) up.
         levels = []
@@ -150,7 +150,7 @@ class Decoder(nn.Module):
             c = ch * m
         self.conv_blocks = nn.ModuleList(levels)
         self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+        self.conv_out = Conv2d(c, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(z))
@@ -197,8 +197,8 @@ class VQModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quantize = VectorQuantizer(cfg.image_token_size, cfg.n_embed)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.n_embed, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.n_embed, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(cfg.z_channels, cfg.n_embed, 1)
+        self.post_quant_conv = Conv2d(cfg.n_embed, cfg.z_channels, 1)
 
     @property
     def dtype(self) -> torch.dtype:
