@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from janusvl import MultiModalityCausalLM
 from janusvl.generation.text import generate
-from janusvl.models.fast import DYNAMIC_MAX_ROWS, Int8Linear, PackedLinear, can_pack, optimize
+from janusvl.models.fast import DYNAMIC_MAX_ROWS, Int8Linear, PackedLinear, can_pack, optimize, release_pages
 
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
 INT8_PREFILL_MAX_REL_ERROR = 0.03
@@ -89,3 +91,35 @@ def test_int8_linear_dequantises_to_the_weight() -> None:
 def test_optimize_rejects_unknown_quantisation(tiny_dir) -> None:
     with pytest.raises(ValueError, match="int4"):
         load(tiny_dir, quantize="int4")
+
+
+def mapped_rss_mb(path) -> float:
+    """Resident MB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_release_pages_drops_mapped_pages_and_keeps_contents(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(4096, 4096).to(torch.bfloat16), "b": torch.randn(16, 16)}, str(path))
+    with safe_open(str(path), "pt", device="cpu") as f:
+        a, b = f.get_tensor("a"), f.get_tensor("b")
+    total = a.float().sum()  # touches every page of a
+    assert mapped_rss_mb(path) > 30
+    release_pages(a)
+    assert mapped_rss_mb(path) < 2
+    assert torch.equal(a.float().sum(), total)  # read back from the file
+    anon = torch.randn(1024, 1024)
+    copy = anon.clone()
+    release_pages(anon, b, torch.empty(0))  # anonymous memory and tiny tensors: untouched
+    assert torch.equal(anon, copy)
+

@@ -9,6 +9,10 @@ int8 quantisation (one scale per output row) halves the bytes read again.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import sys
 import warnings
 
 import torch
@@ -127,11 +131,54 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
         return lm  # nothing faster than plain F.linear for this device and dtype
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        sources = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
         del attn.q_proj, attn.k_proj, attn.v_proj
         attn.o_proj = make(attn.o_proj.weight, attn.o_proj.bias)
         mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
         del mlp.gate_proj, mlp.up_proj
         mlp.down_proj = make(mlp.down_proj.weight, None)
-    lm.lm_head = make(lm.lm_head.weight, None)
+        release_pages(*(m.weight for m in sources))
+    source = lm.lm_head.weight
+    lm.lm_head = make(source, None)
+    if source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
+        release_pages(source)
     return lm
+
+
+def release_pages(*tensors: torch.Tensor) -> None:
+    """Hand back the resident pages of weights that were just repacked.
+
+    A memory-mapped checkpoint maps each file once, for all its tensors, so the pages packing
+    read would stay in this process's RSS as long as any tensor of the file lives: the old and
+    the packed copy of the decoder would both count. MADV_PAGEOUT drops the old pages. It is a
+    hint that never changes contents (clean file pages are read back if touched again; anonymous
+    memory is only ever swapped), so it is safe whatever the tensor's memory is."""
+    madvise = _madvise()
+    if madvise is None:
+        return
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor only
+        end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+        if end > start:
+            madvise(start, end - start, _MADV_PAGEOUT)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_PAGEOUT = 21  # Linux 5.4+; older kernels return EINVAL, which is ignored
+
+
+@functools.cache
+def _madvise() -> object | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
