@@ -347,6 +347,8 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
     opts = {"threads": threads, "new_tokens": new_tokens, "image_batches": [1, 4] if images else [],
             "quantize": quantize}
     costs = model_costs(ckpt)
+    if quantize == "int8":  # one byte per decoder weight: the decode bound doubles
+        costs["bytes_per_token"] /= 2
     report: dict[str, Any] = {"checkpoint": str(ckpt), "machine": machine, "options": opts}
     print("running janusvl ...", file=sys.stderr)
     report["janusvl"] = _spawn("janusvl", ckpt, opts)

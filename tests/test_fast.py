@@ -12,7 +12,7 @@ from janusvl.generation.text import generate
 from janusvl.models.fast import DYNAMIC_MAX_ROWS, Int8Linear, PackedLinear, can_pack, optimize, release_pages
 
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
-INT8_PREFILL_MAX_REL_ERROR = 0.03
+INT8_PREFILL_MAX_REL_ERROR = 0.05
 INT8_DECODE_MAX_REL_ERROR = 0.08
 
 

@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Measure janusvl on one 640x480 image + question and on a batch of 8, and image "
                     "generation (n=1, n=4); run transformers' Janus on the same checkpoint in the same "
                     "run when it is installed; print each figure beside this machine's bound. With no "
-                    "MODEL a Janus-Pro-1B-sized random bf16 checkpoint is written once to the user cache.")
+                    "MODEL, Janus-Pro-1B-sized random bf16 checkpoints (safetensors and pytorch_model.bin, "
+                    "4.2 GB each) are written once to the user cache, and load is measured from both.")
     parser.add_argument("model", nargs="?", help="checkpoint directory or Hub id (default: random Pro-1B shape)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per measurement (default: 32)")
