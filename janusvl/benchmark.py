@@ -55,6 +55,8 @@ def test_image() -> Any:
 def machine_bounds(threads: int) -> dict[str, Any]:
     """Memory read bandwidth (GB/s, a streaming reduction over 1 GiB) and GEMM rate (GFLOP/s) in
     bf16, or in fp32 on CPUs without native bf16 (where bf16 GEMMs are emulated, ~500x slower)."""
+    from .models.layers import native_bf16
+
     torch.set_num_threads(threads)
     buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, far beyond any cache
     buf.sum()
@@ -68,10 +70,6 @@ def machine_bounds(threads: int) -> dict[str, Any]:
     gemm = min(_timed(lambda: a @ b) for _ in range(3))
     return {"bandwidth_gbs": bandwidth, "gemm_gflops": 2 * 2048 * 2048 * 4096 / gemm / 1e9,
             "gemm_dtype": str(dtype).removeprefix("torch.")}
-
-
-def native_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _timed(fn: Any) -> float:

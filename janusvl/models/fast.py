@@ -18,14 +18,13 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import linear
+from .layers import linear, native_bf16
 from .llama import LlamaForCausalLM
 
 
 def can_pack(weight: torch.Tensor) -> bool:
     """oneDNN packing helps bf16 weights on CPUs with native bf16 support."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16()
 
 
 class PackedLinear(nn.Module):
