@@ -23,3 +23,15 @@ class ImageLoadError(JanusError, ValueError):
 
 class InputError(JanusError, ValueError):
     """Arguments to a processing or generation call are inconsistent or out of range."""
+
+
+class OverloadedError(JanusError):
+    """The engine's queue is full; try again later."""
+
+
+class UnavailableError(JanusError):
+    """The engine is shutting down (or stopped) and takes no more work."""
+
+
+class CancelledError(JanusError):
+    """The request was cancelled before it finished."""

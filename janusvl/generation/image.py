@@ -39,6 +39,21 @@ def image_prompt(processor: VLChatProcessor, prompt: str, roles: tuple[str, str]
     return text + processor.image_start_tag
 
 
+def image_prompt_ids(model: MultiModalityCausalLM, processor: VLChatProcessor, prompt: str,
+                     roles: tuple[str, str] | None = None) -> list[int]:
+    """The ids of `image_prompt`, checked to leave room in the context for the image's tokens."""
+    if roles is not None and not (isinstance(roles, (tuple, list)) and len(roles) == 2
+                                  and all(isinstance(r, str) and r for r in roles)):
+        raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
+    ids = processor.tokenizer.encode(image_prompt(processor, prompt, roles))
+    steps = image_grid(model) ** 2
+    limit = model.config.language_config.max_position_embeddings
+    if len(ids) + steps > limit:
+        raise InputError(f"prompt is {len(ids)} tokens; with {steps} image tokens that exceeds the "
+                         f"model's context of {limit} (max_position_embeddings)")
+    return ids
+
+
 def cfg_input_ids(prompt_ids: Sequence[int], n: int, pad_id: int) -> torch.Tensor:
     """[2n, T] ids: rows 0, 2, ... conditional, rows 1, 3, ... unconditional (only the first
     token, BOS, and the last, `<begin_of_image>`, survive; the rest become pad)."""
@@ -121,15 +136,8 @@ def generate_image_tokens(
     softmax(guided / temperature): it gets the guided logits (model dtype) [n, V] and returns ids [n].
     """
     check_image_args(prompt, n, cfg_weight, temperature, seed)
-    if roles is not None and not (isinstance(roles, (tuple, list)) and len(roles) == 2
-                                  and all(isinstance(r, str) and r for r in roles)):
-        raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
-    ids = processor.tokenizer.encode(image_prompt(processor, prompt, roles))
+    ids = image_prompt_ids(model, processor, prompt, roles)
     steps = image_grid(model) ** 2
-    limit = model.config.language_config.max_position_embeddings
-    if len(ids) + steps > limit:
-        raise InputError(f"prompt is {len(ids)} tokens; with {steps} image tokens that exceeds the "
-                         f"model's context of {limit} (max_position_embeddings)")
     if sampler is None:
         sampler = multinomial_sampler(temperature, make_generator(seed, model.device))
     input_ids = cfg_input_ids(ids, n, processor.pad_id)

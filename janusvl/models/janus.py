@@ -3,6 +3,7 @@ checkpoint's top-level keys. All image/text merging lives in `prepare_inputs_emb
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..errors import InputError
 from .layers import Embedding
 from .llama import LlamaForCausalLM
 from .projector import MlpProjector, VisionHead
-from .siglip import CLIPVisionTower
+from .siglip import CLIPVisionTower, finish
 from .vq import VQModel
 
 
@@ -51,8 +52,13 @@ class MultiModalityCausalLM(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [n, 3, S, S] -> aligned image embeddings [n, N, D]."""
+        return finish(self.encode_images_steps(pixel_values))
+
+    def encode_images_steps(self, pixel_values: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """`encode_images` in pieces (one vision block per step), for the serving engine."""
         weight = self.vision_model.vision_tower.patch_embed.proj.weight
-        return self.aligner(self.vision_model(pixel_values.to(weight.device, weight.dtype)))
+        features = yield from self.vision_model.forward_steps(pixel_values.to(weight.device, weight.dtype))
+        return self.aligner(features)
 
     def prepare_inputs_embeds(
         self,
@@ -60,11 +66,13 @@ class MultiModalityCausalLM(nn.Module):
         pixel_values: torch.Tensor,
         images_seq_mask: torch.Tensor,
         images_emb_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         """Text embeddings [b, T, D] with each image's aligned features written, in order, at the
         image-token positions. Only the real images are encoded (one batched vision pass); the
-        inputs are not modified."""
+        inputs are not modified. `image_features` [k, N, D], the real images' `encode_images`
+        output in (b, n) order, skips the vision pass (the server's cache of features)."""
         embed = self.language_model.get_input_embeddings()
         inputs_embeds = embed(input_ids.clamp(min=0).to(embed.weight.device))
         seq_mask = images_seq_mask.to(inputs_embeds.device, torch.bool)
@@ -78,7 +86,12 @@ class MultiModalityCausalLM(nn.Module):
         if n_tokens == 0:
             return inputs_embeds
         real = emb_mask.any(-1)  # [b, n]: which image slots hold an image
-        features = self.encode_images(pixel_values.to(inputs_embeds.device)[real])  # [k, N, D]
+        if image_features is None:
+            image_features = self.encode_images(pixel_values.to(inputs_embeds.device)[real])  # [k, N, D]
+        elif image_features.shape[0] != int(real.sum()):
+            raise InputError(f"image_features holds {image_features.shape[0]} images, the masks "
+                             f"mark {int(real.sum())}")
+        features = image_features.to(inputs_embeds.device)
         rows = features[emb_mask[real]]  # [n_tokens, D] in (b, n, t) order
         inputs_embeds[seq_mask] = rows.to(inputs_embeds.dtype)
         return inputs_embeds

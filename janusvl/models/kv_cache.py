@@ -6,7 +6,11 @@ shapes stay fixed. The cache also remembers which positions hold real tokens, so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .layers import attention
 
 
 class KVCache:
@@ -67,8 +71,19 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, enable_gqa: bool) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, hd] and attend q [B, H, T, hd] over every key so far."""
+        k, v = self.update(layer, k, v)  # [B, Hkv, S, hd]
+        return attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                         enable_gqa=enable_gqa)
+
     def advance(self, T: int) -> None:
         self.length += T
+
+    def next_positions(self) -> torch.Tensor:
+        """[B, 1]: the position of each row's next token (rows written without left padding)."""
+        return torch.full((self.batch, 1), self.length, dtype=torch.long, device=self.valid.device)
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """Bool mask [B, 1, T, length+T] for the next T queries, or None when plain causal suffices."""
@@ -82,8 +97,63 @@ class KVCache:
         mask = causal & (self.valid[:, None, :end] | (k_pos == q_pos))
         return mask[:, None]
 
+    def repeat(self, n: int) -> KVCache:
+        """A cache of n copies of this one-row cache (n answers to one prefilled prompt)."""
+        if self.batch != 1:
+            raise ValueError(f"repeat needs a one-row cache, this one has {self.batch} rows")
+        out = KVCache.__new__(KVCache)
+        out.k = [k.expand(n, -1, -1, -1).clone() for k in self.k]
+        out.v = [v.expand(n, -1, -1, -1).clone() for v in self.v]
+        out.valid = self.valid.expand(n, -1).clone()
+        out.length, out.growable, out.padded = self.length, self.growable, self.padded
+        return out
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (used when finished rows are dropped from a batch)."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.valid = self.valid[rows]
+
+
+class RaggedBatch:
+    """Several caches stepped as one batch: the batch's rows are the caches' rows, in order.
+
+    Each cache keeps its own length, so sequences that started at different times (continuous
+    batching) share the decoder's matrix products while attention runs per cache, over exactly
+    that cache's keys: a row's result is the one its own cache alone would give. Implements the
+    part of KVCache's interface that the decoder uses."""
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        if not caches:
+            raise ValueError("RaggedBatch needs at least one cache")
+        self.caches = list(caches)
+        self.sizes = [c.batch for c in self.caches]
+
+    @property
+    def batch(self) -> int:
+        return sum(self.sizes)
+
+    def reserve(self, new_tokens: int) -> None:
+        for cache in self.caches:
+            cache.reserve(new_tokens)
+
+    def append_mask(self, mask: torch.Tensor) -> None:
+        for cache, part in zip(self.caches, mask.split(self.sizes), strict=True):
+            cache.append_mask(part)
+
+    def attention_mask(self, T: int) -> list[torch.Tensor | None]:
+        return [cache.attention_mask(T) for cache in self.caches]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: list[torch.Tensor | None], enable_gqa: bool) -> torch.Tensor:
+        parts = zip(self.caches, mask, q.split(self.sizes), k.split(self.sizes), v.split(self.sizes),
+                    strict=True)
+        out = [cache.attend(layer, q_, k_, v_, m, enable_gqa) for cache, m, q_, k_, v_ in parts]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def advance(self, T: int) -> None:
+        for cache in self.caches:
+            cache.advance(T)
+
+    def next_positions(self) -> torch.Tensor:
+        return torch.cat([cache.next_positions() for cache in self.caches])

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
-from .kv_cache import KVCache
-from .layers import Embedding, Linear, attention
+from .kv_cache import KVCache, RaggedBatch
+from .layers import Embedding, Linear
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        mask: torch.Tensor | None,
+        cache: KVCache | RaggedBatch,
+        mask: torch.Tensor | list[torch.Tensor | None] | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)
@@ -96,13 +96,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, hd]
-        out = attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.kv_heads != self.heads,
-        )
+        out = cache.attend(self.layer, q, k, v, mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -129,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | RaggedBatch,
+                mask: torch.Tensor | list[torch.Tensor | None] | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -155,14 +149,15 @@ class LlamaModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | RaggedBatch | None = None,
         use_cache: bool | None = None,
         **_: object,
     ) -> BaseModelOutput:
         """Run new tokens through the decoder. `attention_mask` [B, T] (or [B, past+T], as HF
         callers pass it) marks real tokens; `past_key_values` continues an earlier call.
         `position_ids` default to the cache offset onwards, as in transformers' forward; the
-        generation code passes padding-aware positions, as transformers' generate does."""
+        generation code passes padding-aware positions, as transformers' generate does. A
+        `RaggedBatch` of caches (the serving engine's continuous batch) continues each cache at its own length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -176,6 +171,8 @@ class LlamaModel(nn.Module):
         else:
             mask_new = attention_mask[:, -T:].to(device=x.device, dtype=torch.bool)
         cache.append_mask(mask_new)
+        if position_ids is None and isinstance(cache, RaggedBatch):
+            position_ids = cache.next_positions()
         if position_ids is None:
             position_ids = torch.arange(cache.length, cache.length + T, device=x.device).expand(B, T)
         positions = position_ids.to(x.device)

@@ -7,12 +7,27 @@ pipeline never runs: the loader drops those keys by name, so no module is built 
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
 from .layers import Conv2d, Linear, attention
+
+
+T = TypeVar("T")
+
+
+def finish(steps: Generator[None, None, T]) -> T:
+    """Run a stepwise computation to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class Attention(nn.Module):
@@ -74,8 +89,14 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return finish(self.forward_steps(pixels))
+
+    def forward_steps(self, pixels: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """`forward` in pieces: yields before each block, so a scheduler can run other work
+        between blocks (a whole tower takes seconds on a CPU); returns forward's result."""
         x = self.patch_embed(pixels) + self.pos_embed
         for block in self.blocks:
+            yield
             x = block(x)
         return self.norm(x)
 
@@ -89,3 +110,6 @@ class CLIPVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision_tower(pixels)
+
+    def forward_steps(self, pixels: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        return self.vision_tower.forward_steps(pixels)

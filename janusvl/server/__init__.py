@@ -1,0 +1,1 @@
+"""`janusvl serve`: an OpenAI-compatible HTTP server over the engine (needs the `serve` extra)."""

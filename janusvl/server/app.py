@@ -1,0 +1,433 @@
+"""The HTTP layer: OpenAI's routes over one `Engine`. It parses and checks requests, hands them
+to the engine, and streams back what the engine emits; it never touches the model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..engine import ChatRequest, Delta, Engine, Failed, Finished, ImagesDone, Progress, RowDone
+from ..engine.requests import Event
+from ..errors import ImageLoadError, InputError, JanusError, OverloadedError, UnavailableError
+from .images import load_image_url
+from .schemas import ChatCompletionRequest, ImageGenerationRequest, Message as ChatMessage
+
+# Seconds between checks that a client waiting for a whole answer is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServerState:
+    ready: bool = False
+    draining: bool = False
+
+
+@dataclass
+class ServerOptions:
+    model_name: str
+    api_key: str | None = None
+    cors_origins: Sequence[str] = ()
+    allow_remote_images: bool = False
+    max_body_bytes: int = 20 * 2**20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _as_api_error(exc: JanusError, param: str | None = None) -> APIError:
+    if isinstance(exc, OverloadedError):
+        return APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, UnavailableError):
+        return APIError(503, str(exc), "service_unavailable", code="shutting_down")
+    if isinstance(exc, ImageLoadError):
+        return APIError(400, f"bad image: {exc}", param=param, code="invalid_image")
+    if isinstance(exc, InputError):
+        return APIError(400, str(exc), param=param)
+    return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, by Content-Length or while reading."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        mb = self.limit / 2**20
+        response = APIError(413, f"request body larger than {mb:g} MB (--max-body-mb)",
+                            code="body_too_large").response()
+        await response(scope, _drain_receive, send)
+
+
+async def _drain_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class EventQueue:
+    """Carries a request's events from the engine's thread into this event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def get(self, request: Request | None = None) -> Event | None:
+        """The next event; None when `request`'s client has gone away meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return None
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _error_payload(exc: BaseException) -> dict[str, Any]:
+    err = _as_api_error(exc) if isinstance(exc, JanusError) else APIError(500, f"{type(exc).__name__}: {exc}",
+                                                                          "server_error")
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def _png_b64(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def create_app(engine: Engine, options: ServerOptions, state: ServerState | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. The engine must be started (and is stopped) by the caller."""
+    state = state or ServerState(ready=True)
+    metrics = engine.metrics
+    app = FastAPI(title="janusvl", version=_version(), docs_url=None, redoc_url=None)
+    app.state.engine, app.state.server = engine, state
+    if options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    _install_error_handlers(app, metrics)
+    auth = [Depends(_require_key(options.api_key, metrics))]
+    size = engine.model.config.vision_config.image_size
+    image_size = f"{size}x{size}"
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != options.model_name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves "
+                                f"{options.model_name!r}", "not_found_error", "model", "model_not_found")
+
+    def submit(request: Any) -> EventQueue:
+        if state.draining:
+            metrics.rejected.labels("unavailable").inc()
+            raise APIError(503, "the server is shutting down and takes no new requests",
+                           "service_unavailable", code="shutting_down")
+        events = EventQueue()
+        request.emit = events.put
+        try:
+            engine.submit(request)
+        except JanusError as exc:
+            raise _as_api_error(exc) from None
+        return events
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.ready and not state.draining:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+
+    @app.get("/metrics", dependencies=auth)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": options.model_name, "object": "model",
+                                            "created": _STARTED, "owned_by": "janusvl"}]}
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        _check_unsupported(body)
+        messages = await run_in_threadpool(_to_messages, body.messages, options.allow_remote_images,
+                                           options.max_body_bytes)
+        try:
+            req = await run_in_threadpool(
+                engine.chat_request, messages, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
+                stop=body.stop)
+        except JanusError as exc:
+            raise _as_api_error(exc, "messages" if isinstance(exc, ImageLoadError) else None) from None
+        events = submit(req)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_chat(req, events, head, usage), media_type="text/event-stream")
+        return await _collect_chat(req, events, head, request)
+
+    @app.post("/v1/images/generations", dependencies=auth, response_model=None)
+    async def image_generations(body: ImageGenerationRequest, request: Request) -> Response:
+        check_model(body.model)
+        if body.size != image_size:
+            raise APIError(400, f"size {body.size!r} is not supported; Janus generates {image_size} images",
+                           param="size", code="unsupported_size")
+        if body.response_format != "b64_json":
+            raise APIError(400, f"response_format {body.response_format!r} is not supported; use b64_json",
+                           param="response_format")
+        try:
+            req = await run_in_threadpool(engine.image_request, body.prompt, n=body.n,
+                                          cfg_weight=body.cfg_weight, temperature=body.temperature, seed=body.seed)
+        except JanusError as exc:
+            raise _as_api_error(exc, "prompt") from None
+        events = submit(req)
+        if body.stream:
+            return StreamingResponse(_stream_images(req, events, image_size), media_type="text/event-stream")
+        return await _collect_images(req, events, request)
+
+    return app
+
+
+_STARTED = int(time.time())
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _require_key(api_key: str | None, metrics: Any) -> Callable[[Request], None]:
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            metrics.rejected.labels("unauthorized").inc()
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error", code="invalid_api_key")
+
+    return check
+
+
+def _check_unsupported(body: ChatCompletionRequest) -> None:
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported (only 0)", param=name)
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > 16 or not all(stops):
+        raise APIError(400, "stop must be at most 16 non-empty strings", param="stop")
+
+
+def _to_messages(messages: list[ChatMessage], allow_remote: bool, max_bytes: int) -> list[dict[str, Any]]:
+    """OpenAI messages -> janusvl's, with every image URL turned into its bytes."""
+    out = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role in ("system", "developer") else message.role
+        if not isinstance(message.content, list):
+            out.append({"role": role, "content": message.content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(message.content):
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            try:
+                data = load_image_url(part.image_url.url, allow_remote, max_bytes)
+            except ImageLoadError as exc:
+                raise APIError(400, f"bad image: {exc}", param=f"messages[{i}].content[{j}].image_url.url",
+                               code="invalid_image") from None
+            parts.append({"type": "image", "image": data})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+async def _collect_chat(req: ChatRequest, events: EventQueue, head: dict[str, Any], request: Request) -> Response:
+    texts, reasons = [""] * req.n, ["length"] * req.n
+    try:
+        while True:
+            event = await events.get(request)
+            if event is None:  # the client left: nothing keeps running for it
+                return Response(status_code=499)
+            if isinstance(event, Delta):
+                texts[event.row] += event.text
+            elif isinstance(event, RowDone):
+                reasons[event.row] = event.finish_reason
+            elif isinstance(event, Failed):
+                return _failure(event.error)
+            elif isinstance(event, Finished):
+                break
+    finally:
+        req.cancel()  # a no-op once finished; frees the rows if this handler was interrupted
+    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                         "usage": _usage(event.prompt_tokens, event.completion_tokens)})
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _failure(exc: BaseException) -> JSONResponse:
+    payload = _error_payload(exc)
+    status = 500 if not isinstance(exc, JanusError) else _as_api_error(exc).status
+    return JSONResponse(payload, status_code=status)
+
+
+async def _stream_chat(req: ChatRequest, events: EventQueue, head: dict[str, Any],
+                       include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
+
+    try:
+        for row in range(req.n):
+            yield chunk([{"index": row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield chunk([{"index": event.row, "delta": {"content": event.text}, "finish_reason": None}])
+            elif isinstance(event, RowDone):
+                yield chunk([{"index": event.row, "delta": {}, "finish_reason": event.finish_reason}])
+            elif isinstance(event, Failed):
+                yield _sse(_error_payload(event.error))
+                break
+            elif isinstance(event, Finished):
+                if include_usage:
+                    yield chunk([], usage=_usage(event.prompt_tokens, event.completion_tokens))
+                break
+        yield _sse("[DONE]")
+    finally:
+        req.cancel()  # the client went away mid-stream (or we are done): drop the rows
+
+
+async def _collect_images(req: Any, events: EventQueue, request: Request) -> Response:
+    try:
+        while True:
+            event = await events.get(request)
+            if event is None:
+                return Response(status_code=499)
+            if isinstance(event, Failed):
+                return _failure(event.error)
+            if isinstance(event, ImagesDone):
+                data = await run_in_threadpool(lambda: [{"b64_json": _png_b64(im)} for im in event.images])
+                return JSONResponse({"created": int(time.time()), "data": data})
+    finally:
+        req.cancel()
+
+
+async def _stream_images(req: Any, events: EventQueue, size: str) -> AsyncIterator[str]:
+    try:
+        last = 0
+        while True:
+            event = await events.get()
+            if isinstance(event, Progress):
+                # About 100 progress events per image job, plus the last step.
+                if event.step - last >= max(event.total // 100, 1) or event.step == event.total:
+                    last = event.step
+                    yield _sse({"type": "image_generation.progress", "step": event.step, "total": event.total})
+            elif isinstance(event, ImagesDone):
+                encoded = await run_in_threadpool(lambda: [_png_b64(im) for im in event.images])
+                for i, b64 in enumerate(encoded):
+                    yield _sse({"type": "image_generation.completed", "index": i, "b64_json": b64,
+                                "size": size, "output_format": "png", "created_at": int(time.time())})
+            elif isinstance(event, Failed):
+                yield _sse(_error_payload(event.error))
+                break
+            elif isinstance(event, Finished):
+                break
+        yield _sse("[DONE]")
+    finally:
+        req.cancel()
+
+
+def _install_error_handlers(app: FastAPI, metrics: Any) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status in (413, 429, 503):
+            metrics.rejected.labels({413: "too_large", 429: "queue_full", 503: "unavailable"}[exc.status]).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("invalid").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+        return APIError(400, message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    @app.exception_handler(JanusError)
+    async def janus_error(request: Request, exc: JanusError) -> JSONResponse:
+        return _as_api_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+
+__all__ = ["create_app", "ServerOptions", "ServerState", "APIError"]

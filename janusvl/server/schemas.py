@@ -1,0 +1,75 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models (they also make the
+OpenAPI document at /openapi.json). Fields follow OpenAI's names; `top_k`, `seed` on images,
+`cfg_weight` and image `temperature` are janusvl's extensions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields this server has no use for (user, metadata, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Body):
+    url: str = Field(description="a data:image/...;base64, URL (http(s) only with --allow-remote-images)")
+    detail: str | None = None
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = all (extension)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = Field(None, description="up to 16 strings")
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted at their neutral values only: anything else is refused, not silently ignored.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+
+
+class ImageGenerationRequest(_Body):
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str = Field("384x384", description="only 384x384, the released models' size")
+    response_format: str = Field("b64_json", description="only b64_json (PNG)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    cfg_weight: float = Field(5.0, gt=0, le=100, description="classifier-free guidance scale (extension)")
+    temperature: float = Field(1.0, gt=0, le=10, description="divides the guided logits (extension)")
+    stream: bool = False
