@@ -74,38 +74,40 @@ def _as_api_error(exc: JanusError, param: str | None = None) -> APIError:
     return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413, by Content-Length or while reading."""
+    """Refuses request bodies over `limit` bytes with 413: by Content-Length when it is given,
+    otherwise (chunked uploads) by reading the body, at most `limit` bytes, before the app runs."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, metrics: Any = None) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(scope, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await self._refuse(scope, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge()
-            return message
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        replay = iter(messages)
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._refuse(scope, send)
+        async def buffered() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, buffered, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels("too_large").inc()
         mb = self.limit / 2**20
         response = APIError(413, f"request body larger than {mb:g} MB (--max-body-mb)",
                             code="body_too_large").response()
@@ -161,7 +163,7 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes, metrics=metrics)
     _install_error_handlers(app, metrics)
     auth = [Depends(_require_key(options.api_key, metrics))]
     size = engine.model.config.vision_config.image_size
@@ -403,8 +405,8 @@ async def _stream_images(req: Any, events: EventQueue, size: str) -> AsyncIterat
 def _install_error_handlers(app: FastAPI, metrics: Any) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status in (413, 429, 503):
-            metrics.rejected.labels({413: "too_large", 429: "queue_full", 503: "unavailable"}[exc.status]).inc()
+        if exc.status in (400, 404):  # 401, 429 and 503 are counted where they are decided
+            metrics.rejected.labels("invalid").inc()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
