@@ -180,17 +180,24 @@ class Engine:
                         self._cond.wait()
                     if self._stop:
                         break
-                self._drop_cancelled()
-                self._work()
-                if self._running:
-                    self._decode()
+                try:
+                    self._drop_cancelled()
+                    self._work()
+                    if self._running:
+                        self._decode()
+                except Exception as exc:  # noqa: BLE001 - a bug in the loop itself: fail what it held, go on
+                    for job in self._all_jobs(waiting=False):
+                        self._end(job, Failed(exc))
         for job in self._all_jobs():
             self._end(job, Failed(UnavailableError("the server shut down before this request finished")))
 
-    def _all_jobs(self) -> list[Job]:
+    def _all_jobs(self, waiting: bool = True) -> list[Job]:
+        """Take every job out of the engine (the waiting ones too, unless told otherwise)."""
         with self._cond:
-            jobs = [*self._waiting, *self._running, *self._finishing]
-            self._waiting.clear()
+            jobs = [*self._running, *self._finishing]
+            if waiting:
+                jobs += self._waiting
+                self._waiting.clear()
         if self._prefilling is not None:
             jobs.append(self._prefilling[0])
         self._prefilling, self._running, self._finishing = None, [], deque()
