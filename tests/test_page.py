@@ -1,0 +1,187 @@
+"""The web page at GET /, in a real headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright; scripts/test.sh installs it) against a live server over the tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from serving import LiveServer, data_url, png_bytes
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+# The test suite writes the README's screenshots there when this is set.
+SCREENSHOTS = os.environ.get("JANUSVL_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium is missing at {CHROMIUM}: scripts/test.sh installs it (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(janus):
+    with LiveServer(janus) as live:
+        yield live
+
+
+class Page:
+    """A fresh page on the server, recording console errors (network refusals aside: the tests
+    provoke some on purpose and the page shows them in its error element)."""
+
+    def __init__(self, browser, url: str, width: int = 1100, height: int = 800) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+                     and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url)
+
+    def by(self, testid: str):
+        return self.page.get_by_test_id(testid)
+
+    def shot(self, path: Path) -> None:
+        self.page.screenshot(path=str(path))
+        assert path.stat().st_size > 1000
+
+    def close(self) -> None:
+        assert self.errors == []
+        self.context.close()
+
+
+def _ask(page: Page, text: str, max_tokens: int = 20) -> str:
+    page.by("max-tokens").fill(str(max_tokens))
+    page.by("temperature").fill("0")
+    page.by("chat-input").fill(text)
+    page.by("chat-input").press("Enter")
+    answer = page.by("assistant-message").last
+    answer.wait_for()
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=assistant-message]')].every(e => e.dataset.state === 'done')",
+        timeout=60000)
+    return answer.inner_text()
+
+
+def test_chat_with_an_image_matches_the_api(browser, server, tmp_path) -> None:
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(png_bytes(make_image(96, 64, seed=5)))
+    page = Page(browser, server.url)
+    page.page.wait_for_function("() => document.getElementById('status').textContent.includes('ready')")
+    assert "tiny" in page.page.locator("#status").inner_text()
+    page.by("chat-image-input").set_input_files(str(picture))
+    page.page.locator("#pending img").wait_for()
+    first = _ask(page, "What is in this picture?")
+    user = page.by("user-message")
+    assert user.count() == 1 and user.first.inner_text() == "What is in this picture?"
+    assert page.page.locator(".user .thumbs img").count() == 1
+
+    client = server.client()
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture.read_bytes())}},
+                                         {"type": "text", "text": "What is in this picture?"}]}]
+    expected = client.chat.completions.create(model="tiny", messages=turn, max_tokens=20, temperature=0)
+    assert first == expected.choices[0].message.content and first
+
+    second = _ask(page, "And the colours?")  # the second turn carries the first
+    history = [*turn, {"role": "assistant", "content": first}, {"role": "user", "content": [
+        {"type": "text", "text": "And the colours?"}]}]
+    expected = client.chat.completions.create(model="tiny", messages=history, max_tokens=20, temperature=0)
+    assert second == expected.choices[0].message.content
+    assert page.by("assistant-message").count() == 2
+    page.shot(tmp_path / "chat.png")
+    if SCREENSHOTS:
+        page.shot(Path(SCREENSHOTS) / "chat.png")
+    page.by("chat-new").click()
+    assert page.by("assistant-message").count() == 0
+    page.close()
+
+
+def test_stop_cancels_the_answer_on_the_server(browser, server, tmp_path) -> None:
+    page = Page(browser, server.url)
+    page.by("max-tokens").fill("1800")
+    page.by("chat-input").fill("Tell me everything.")
+    page.by("chat-send").click()
+    answer = page.by("assistant-message").last
+    page.page.wait_for_function("() => document.querySelector('[data-testid=assistant-message]').textContent.length > 20")
+    assert answer.get_attribute("data-state") == "streaming"
+    page.by("chat-stop").click()
+    page.page.wait_for_function("() => document.querySelector('[data-testid=assistant-message]').dataset.state === 'done'")
+    server.wait_idle(10)
+    assert server.metric("janusvl_requests_running") == 0
+    assert page.by("error").inner_text() == ""
+    page.shot(tmp_path / "stopped.png")
+    page.close()
+
+
+def test_imagine_shows_progress_and_two_images(browser, server, tmp_path) -> None:
+    page = Page(browser, server.url)
+    page.by("imagine-tab").click()
+    page.by("imagine-prompt").fill("a lighthouse at dusk")
+    page.by("imagine-n").fill("2")
+    page.by("imagine-seed").fill("3")
+    page.by("imagine-go").click()
+    page.page.wait_for_function("() => document.querySelector('[data-testid=imagine-progress]').value > 0")
+    assert page.by("imagine-progress").get_attribute("max") == "576"
+    page.by("imagine-image").nth(1).wait_for(timeout=120000)
+    sizes = page.page.eval_on_selector_all("[data-testid=imagine-image]",
+                                           "els => Promise.all(els.map(e => e.decode().then(() => [e.naturalWidth, e.naturalHeight])))")
+    assert sizes == [[384, 384], [384, 384]]
+    assert page.page.eval_on_selector("[data-testid=imagine-progress]", "e => e.value") == 576
+    assert page.page.locator("#gallery a[download]").count() == 2
+    page.shot(tmp_path / "imagine.png")
+    if SCREENSHOTS:
+        page.shot(Path(SCREENSHOTS) / "imagine.png")
+    page.close()
+
+
+def test_server_errors_appear_in_the_page(browser, janus, tmp_path) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(make_image(400, 400, seed=6)))  # ~0.5 MB encoded
+    with LiveServer(janus, max_body_bytes=100_000) as live:
+        page = Page(browser, live.url, width=390, height=800)  # a phone-sized screen
+        page.by("chat-image-input").set_input_files(str(big))
+        page.page.locator("#pending img").wait_for()
+        page.by("chat-input").fill("Describe it.")
+        page.by("chat-send").click()
+        page.page.wait_for_function("() => document.querySelector('[data-testid=error]').textContent.length > 0")
+        assert "larger than" in page.by("error").inner_text()
+        assert page.by("chat-send").is_enabled()
+        page.shot(tmp_path / "error-phone.png")
+        page.close()
+
+
+def test_api_key_is_asked_for_and_kept(browser, janus, tmp_path) -> None:
+    with LiveServer(janus, api_key="letmein") as live:
+        page = Page(browser, live.url)
+        page.page.wait_for_function("() => document.querySelector('[data-testid=error]').textContent.includes('API key')")
+        page.by("api-key").fill("letmein")
+        page.by("api-key").dispatch_event("change")
+        page.page.wait_for_function("() => document.getElementById('status').textContent.includes('ready')")
+        assert page.by("error").inner_text() == ""
+        assert _ask(page, "Hello?", max_tokens=5)
+        page.page.reload()  # kept in the browser's local storage
+        assert page.by("api-key").input_value() == "letmein"
+        page.shot(tmp_path / "api-key.png")
+        page.close()
+
+
+def test_keyboard_reaches_the_controls(browser, server) -> None:
+    page = Page(browser, server.url)
+    seen = set()
+    for _ in range(25):
+        page.page.keyboard.press("Tab")
+        seen.add(page.page.evaluate("() => document.activeElement.dataset.testid || ''"))
+    assert {"api-key", "chat-tab", "imagine-tab", "chat-input", "chat-send", "chat-new", "temperature"} <= seen
+    page.close()
