@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +27,7 @@ from ..engine import ChatRequest, Delta, Engine, Failed, Finished, ImagesDone, P
 from ..engine.requests import Event
 from ..errors import ImageLoadError, InputError, JanusError, OverloadedError, UnavailableError
 from .images import load_image_url
-from .schemas import ChatCompletionRequest, ImageGenerationRequest, Message as ChatMessage
+from .schemas import ChatCompletionRequest, ImageGenerationRequest, Message as ChatMessage, error_responses
 
 # Seconds between checks that a client waiting for a whole answer is still there.
 DISCONNECT_POLL_S = 0.5
@@ -195,23 +195,26 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
         """The web page (chat and image generation); it calls the API below like any client."""
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "draining (or not ready)"}})
     async def health() -> JSONResponse:
         if state.ready and not state.draining:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}}, **error_responses(401)})
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=error_responses(401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": options.model_name, "object": "model",
                                             "created": _STARTED, "owned_by": "janusvl"}]}
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None,
+              responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                         **error_responses(*API_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         _check_unsupported(body)
@@ -231,7 +234,9 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
             return StreamingResponse(_stream_chat(req, events, head, usage), media_type="text/event-stream")
         return await _collect_chat(req, events, head, request)
 
-    @app.post("/v1/images/generations", dependencies=auth, response_model=None)
+    @app.post("/v1/images/generations", dependencies=auth, response_model=None,
+              responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                         **error_responses(*API_ERRORS)})
     async def image_generations(body: ImageGenerationRequest, request: Request) -> Response:
         check_model(body.model)
         if body.size != image_size:
@@ -250,7 +255,27 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
             return StreamingResponse(_stream_images(req, events, image_size), media_type="text/event-stream")
         return await _collect_images(req, events, request)
 
+    _openapi_without_422(app)
     return app
+
+
+# What a POST route may answer besides 200 (validation errors are 400s, not FastAPI's 422s).
+API_ERRORS = (400, 401, 404, 413, 429, 500, 503)
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 _STARTED = int(time.time())
@@ -429,7 +454,7 @@ def _install_error_handlers(app: FastAPI, metrics: Any) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), kind).response()
+        return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
 
     @app.exception_handler(JanusError)
     async def janus_error(request: Request, exc: JanusError) -> JSONResponse:

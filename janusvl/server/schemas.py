@@ -13,7 +13,8 @@ MAX_SEED = 2**63 - 1
 
 class _Body(BaseModel):
     # OpenAI clients send fields this server has no use for (user, metadata, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Strict: 1.0 is not an integer, 0 is not a boolean, "5" is not a number.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Body):
@@ -67,9 +68,26 @@ class ImageGenerationRequest(_Body):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    size: str = Field("384x384", description="only 384x384, the released models' size")
-    response_format: str = Field("b64_json", description="only b64_json (PNG)")
+    size: Literal["384x384"] = Field("384x384", description="only 384x384, the released models' size")
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json (PNG)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     cfg_weight: float = Field(5.0, gt=0, le=100, description="classifier-free guidance scale (extension)")
     temperature: float = Field(1.0, gt=0, le=10, description="divides the guided logits (extension)")
     stream: bool = False
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error statuses a route may answer."""
+    return {code: {"model": ErrorResponse} for code in codes}
