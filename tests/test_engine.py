@@ -76,7 +76,7 @@ def test_ragged_batch_equals_each_cache_alone(tiny) -> None:
 def test_prefill_is_chunked_between_decode_steps(janus) -> None:
     """With rows decoding, a long prompt goes in pieces: the running stream keeps producing
     tokens while the newcomer's prompt is prefilled, and both answers stay the library's."""
-    engine = Engine(janus, prefill_budget_s=0.0).start()  # the smallest pieces: 8 prompt tokens
+    engine = Engine(janus, prefill_budget_s=0.0).start()  # the smallest pieces
     try:
         story = [{"role": "user", "content": "Tell me a long story."}]
         long_prompt = [{"role": "user", "content": "why " * 300}]
@@ -91,14 +91,21 @@ def test_prefill_is_chunked_between_decode_steps(janus) -> None:
         engine.submit(newcomer)
         text, _ = second.result()
         running.cancel()
+        # The references are computed with the engine at rest: two threads running torch at once
+        # may split a product's sum differently (thread counts), which is not what is tested here.
+        deadline = time.monotonic() + 10
+        while not engine.idle and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert newcomer.prompt_tokens > 300
         during = [t for t in first.stamps if submitted < t < second.stamps[0]]
-        # A decode step follows each 8-token piece (a few steps give no text: held-back bytes).
-        assert len(during) >= 0.8 * (newcomer.prompt_tokens // 8)
+        chunks = [n for n, _ in engine.pacer.samples]
+        assert len(chunks) >= 8 and max(chunks) <= 64  # the pacer's smallest pieces (budget 0)
+        # A decode step follows each piece (a few steps give no text: held-back bytes).
+        assert len(during) >= 0.8 * len(chunks)
         assert text == janus.chat(long_prompt, max_new_tokens=5).text
         streamed = "".join(e.text for e in list(first.events.queue) if isinstance(e, Delta))
-        reference = janus.chat(story, max_new_tokens=100).text
-        assert streamed.startswith(reference[:len(reference) - 8]) and len(streamed) > len(reference)
+        reference = janus.chat(story, max_new_tokens=400).text
+        assert len(streamed) > 40 and reference.startswith(streamed)  # the story went on, unchanged
     finally:
         engine.close(timeout=0)
 

@@ -39,24 +39,37 @@ if TYPE_CHECKING:
 
 
 class PrefillPacer:
-    """Sizes prompt chunks so that one takes about `budget_s` while other rows wait to decode."""
+    """Sizes prompt chunks to fit what is left of the engine's time budget while other rows wait
+    to decode. A chunk's time is modelled as overhead + tokens x per-token cost, fitted to the
+    recent chunks: on CPUs without native bf16 each chunk pays a large fixed cost (the weights
+    are widened to fp32 per call), so time per token alone would shrink the chunks forever."""
 
-    def __init__(self, budget_s: float, busy: Callable[[], bool]) -> None:
-        self.budget_s = budget_s
+    def __init__(self, busy: Callable[[], bool]) -> None:
         self.busy = busy
-        self.seconds_per_token: float | None = None
+        self.deadline = 0.0
+        self.samples: deque[tuple[int, float]] = deque(maxlen=12)
 
     def size(self) -> int | None:
         if not self.busy():
             return None
-        if self.seconds_per_token is None:
-            return 32
-        return max(8, int(self.budget_s / self.seconds_per_token))
+        sizes = {n for n, _ in self.samples}
+        if len(sizes) < 2:  # two different sizes make the model identifiable
+            return 32 if not sizes else (64 if 32 in sizes else 32)
+        overhead, per_token = self.fit()
+        remaining = self.deadline - time.perf_counter()
+        return int(min(max((remaining - overhead) / per_token, 16), 4096))
+
+    def fit(self) -> tuple[float, float]:
+        """(seconds per chunk, seconds per token), least squares over the recent chunks."""
+        n = torch.tensor([s[0] for s in self.samples], dtype=torch.float64)
+        t = torch.tensor([s[1] for s in self.samples], dtype=torch.float64)
+        dn = n - n.mean()
+        per_token = float((dn * (t - t.mean())).sum() / (dn * dn).sum().clamp(min=1e-9))
+        per_token = max(per_token, 1e-6)
+        return max(float(t.mean()) - per_token * float(n.mean()), 0.0), per_token
 
     def record(self, tokens: int, seconds: float) -> None:
-        rate = seconds / max(tokens, 1)
-        old = self.seconds_per_token
-        self.seconds_per_token = rate if old is None else 0.5 * old + 0.5 * rate
+        self.samples.append((tokens, seconds))
 
 
 class Engine:
@@ -67,7 +80,7 @@ class Engine:
     it). Call `start()` once, `close()` to drain and stop."""
 
     def __init__(self, janus: Janus, max_batch: int = 8, max_queue: int = 64, max_images: int = 16,
-                 image_cache_mb: float = 256, prefill_budget_s: float = 0.5,
+                 image_cache_mb: float = 256, prefill_budget_s: float = 0.75,
                  metrics: Metrics | None = None) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_images", max_images)):
             if not isinstance(value, int) or value < 1:
@@ -77,7 +90,7 @@ class Engine:
         self.max_batch, self.max_queue, self.max_images = max_batch, max_queue, max_images
         self.metrics = metrics or Metrics(enabled=False)
         self.features = FeatureCache(int(image_cache_mb * 2**20), self.metrics.cache_lookup)
-        self.pacer = PrefillPacer(prefill_budget_s, lambda: bool(self._running))
+        self.pacer = PrefillPacer(lambda: bool(self._running))
         self.prefill_budget_s = prefill_budget_s
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -222,9 +235,12 @@ class Engine:
             self._end(job, Failed(CancelledError("cancelled")))
 
     def _work(self) -> None:
-        """Prefill pieces and image decodings, until the time budget is spent while rows wait."""
-        deadline = time.perf_counter() + self.prefill_budget_s
+        """Prefill pieces and image decodings while rows are waiting to decode, as long as the
+        next piece is likely to end within the time budget (without limit when none wait)."""
+        start = time.perf_counter()
+        self.pacer.deadline = start + self.prefill_budget_s
         while True:
+            began = time.perf_counter()
             if self._finishing:
                 job = self._finishing.popleft()
                 self._guarded(job, job.finish)
@@ -237,7 +253,8 @@ class Engine:
                 self._prefilling = (job, job.prefill(self.pacer))
             else:
                 self._prefill_piece()
-            if self._running and time.perf_counter() >= deadline:
+            now = time.perf_counter()
+            if self._running and (now - start) + (now - began) > self.prefill_budget_s:
                 return
 
     def _admit(self) -> Job | None:
