@@ -2,9 +2,9 @@
 
 Each turn of its loop
 1. drops requests whose submitters gave up (their KV memory goes with them),
-2. spends up to `prefill_budget_s` on waiting work: a vision block or a prompt chunk of the
-   request being prefilled, or the image decoding of a finished image request; when no row is
-   decoding it runs whole prompts at once instead, exactly as `Janus.chat` does,
+2. spends about `prefill_budget_s` on work in pieces: a vision block or a prompt chunk of the
+   request being prefilled, or a VQ decoder block of an image request whose codes are drawn;
+   when no row is decoding it runs whole prompts at once instead, exactly as `Janus.chat` does,
 3. decodes one token for every running row, chat answers and image generations alike, in one
    pass of the decoder (`RaggedBatch`: shared matrix products, attention per request).
 So a new request joins the running batch as soon as its prompt is in, a finished row leaves at
@@ -94,7 +94,8 @@ class Engine:
         self.prefill_budget_s = prefill_budget_s
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._prefilling: tuple[Job, Generator[None, None, None]] | None = None
+        # The one job being worked on in pieces: its prefill, or its image decoding ("finish").
+        self._current: tuple[Job, Generator[None, None, None], str] | None = None
         self._running: list[Job] = []
         self._finishing: deque[ImageJob] = deque()
         self._closed = False
@@ -161,7 +162,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._prefilling or self._running or self._finishing)
+        return not (self._waiting or self._current or self._running or self._finishing)
 
     @property
     def running_rows(self) -> int:
@@ -211,9 +212,9 @@ class Engine:
             if waiting:
                 jobs += self._waiting
                 self._waiting.clear()
-        if self._prefilling is not None:
-            jobs.append(self._prefilling[0])
-        self._prefilling, self._running, self._finishing = None, [], deque()
+        if self._current is not None:
+            jobs.append(self._current[0])
+        self._current, self._running, self._finishing = None, [], deque()
         return jobs
 
     def _drop_cancelled(self) -> None:
@@ -222,10 +223,10 @@ class Engine:
             for job in gone:
                 self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
-        if self._prefilling is not None and self._prefilling[0].request.cancelled:
-            job, steps = self._prefilling
+        if self._current is not None and self._current[0].request.cancelled:
+            job, steps, _ = self._current
             steps.close()
-            self._prefilling = None
+            self._current = None
             self._end(job, Failed(CancelledError("cancelled")))
         for job in [j for j in (*self._running, *self._finishing) if j.request.cancelled]:
             if job in self._running:
@@ -241,18 +242,18 @@ class Engine:
         self.pacer.deadline = start + self.prefill_budget_s
         while True:
             began = time.perf_counter()
-            if self._finishing:
+            if self._current is not None:
+                self._piece()
+            elif self._finishing:
                 job = self._finishing.popleft()
-                self._guarded(job, job.finish)
-            elif self._prefilling is None:
+                self._current = (job, job.finish(), "finish")
+            else:
                 job = self._admit()
                 if job is None:
                     return
                 self.metrics.running.inc()
                 job.admitted = True
-                self._prefilling = (job, job.prefill(self.pacer))
-            else:
-                self._prefill_piece()
+                self._current = (job, job.prefill(self.pacer), "prefill")
             now = time.perf_counter()
             if self._running and (now - start) + (now - began) > self.prefill_budget_s:
                 return
@@ -260,7 +261,8 @@ class Engine:
     def _admit(self) -> Job | None:
         """The first waiting request that fits next to the running ones (FIFO otherwise)."""
         chat_rows = sum(j.rows for j in self._running if isinstance(j, ChatJob))
-        images = sum(j.request.n for j in (*self._running, *self._finishing) if isinstance(j, ImageJob))
+        current = [self._current[0]] if self._current else []
+        images = sum(j.request.n for j in (*self._running, *self._finishing, *current) if isinstance(j, ImageJob))
         with self._cond:
             for job in self._waiting:
                 n = job.request.n
@@ -272,19 +274,23 @@ class Engine:
                     return job
         return None
 
-    def _prefill_piece(self) -> None:
-        assert self._prefilling is not None
-        job, steps = self._prefilling
+    def _piece(self) -> None:
+        """One piece of the current job; when its prefill is done it joins the running batch."""
+        assert self._current is not None
+        job, steps, kind = self._current
         try:
             next(steps)
             return
         except StopIteration:
             pass
         except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
-            self._prefilling = None
+            self._current = None
             self._end(job, Failed(exc))
             return
-        self._prefilling = None
+        self._current = None
+        if kind == "finish":
+            self._completed(job)
+            return
         self.metrics.prompt_tokens.inc(job.request.prompt_tokens)
         self._observe_first_token(job)
         if job.rows:
@@ -330,14 +336,6 @@ class Engine:
                     self._finishing.append(job)
                 else:
                     self._completed(job)
-
-    def _guarded(self, job: ImageJob, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001
-            self._end(job, Failed(exc))
-            return
-        self._completed(job)
 
     # ------------------------------------------------------------------ endings (one path each)
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ..generation.image import cfg_input_ids, decode_image_tokens, image_grid, multinomial_sampler
+from ..generation.image import cfg_input_ids, decode_image_tokens_steps, image_grid, multinomial_sampler
 from ..generation.sampling import make_generator, sample
 from ..generation.stream import TextStream
 from ..generation.text import prefill
@@ -191,8 +191,8 @@ class ImageJob(Job):
             return True
         return False
 
-    def finish(self) -> None:
-        """Turn the drawn codes into images (VQ-16 decoding) and send them."""
-        images = decode_image_tokens(self.model, self.tokens)
+    def finish(self) -> Generator[None, None, None]:
+        """Turn the drawn codes into images (VQ-16 decoding, in pieces) and send them."""
+        images = yield from decode_image_tokens_steps(self.model, self.tokens)
         self.request.emit(ImagesDone(images))
         self.request.emit(Finished(self.request.prompt_tokens, self.steps * self.request.n))

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..messages import detect_roles
 from ..models.janus import MultiModalityCausalLM
+from ..models.steps import Steps, finish
 from ..models.vq import pixels_to_pil
 from ..processing.processor import VLChatProcessor
 from .sampling import make_generator
@@ -153,13 +154,19 @@ def generate_image_tokens(
 def decode_image_tokens(model: MultiModalityCausalLM, tokens: torch.Tensor, chunk: int = 8) -> list[Image.Image]:
     """Code ids [n, grid*grid] -> n RGB images, decoded `chunk` at a time (in the model's dtype) so
     the decoder's full-resolution activations stay bounded for large n."""
+    return finish(decode_image_tokens_steps(model, tokens, chunk))
+
+
+def decode_image_tokens_steps(model: MultiModalityCausalLM, tokens: torch.Tensor,
+                              chunk: int = 8) -> Steps[list[Image.Image]]:
+    """`decode_image_tokens` in pieces (one VQ decoder block per step), for the serving engine."""
     grid = image_grid(model)
     if tokens.dim() != 2 or tokens.shape[1] != grid * grid:
         raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(tokens.shape)}")
     vq = model.gen_vision_model
     images: list[Image.Image] = []
     for part in tokens.to(model.device).split(chunk):
-        pixels = vq.decode_code(part, shape=[part.shape[0], vq.config.n_embed, grid, grid])
+        pixels = yield from vq.decode_code_steps(part, shape=[part.shape[0], vq.config.n_embed, grid, grid])
         images.extend(pixels_to_pil(pixels))
     return images
 

@@ -3,7 +3,6 @@ checkpoint's top-level keys. All image/text merging lives in `prepare_inputs_emb
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -14,7 +13,8 @@ from ..errors import InputError
 from .layers import Embedding
 from .llama import LlamaForCausalLM
 from .projector import MlpProjector, VisionHead
-from .siglip import CLIPVisionTower, finish
+from .siglip import CLIPVisionTower
+from .steps import Steps, finish
 from .vq import VQModel
 
 
@@ -54,7 +54,7 @@ class MultiModalityCausalLM(nn.Module):
         """Pixels [n, 3, S, S] -> aligned image embeddings [n, N, D]."""
         return finish(self.encode_images_steps(pixel_values))
 
-    def encode_images_steps(self, pixel_values: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def encode_images_steps(self, pixel_values: torch.Tensor) -> Steps[torch.Tensor]:
         """`encode_images` in pieces (one vision block per step), for the serving engine."""
         weight = self.vision_model.vision_tower.patch_embed.proj.weight
         features = yield from self.vision_model.forward_steps(pixel_values.to(weight.device, weight.dtype))

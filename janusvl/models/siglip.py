@@ -7,27 +7,13 @@ pipeline never runs: the loader drops those keys by name, so no module is built 
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
 from .layers import Conv2d, Linear, attention
-
-
-T = TypeVar("T")
-
-
-def finish(steps: Generator[None, None, T]) -> T:
-    """Run a stepwise computation to its end and return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+from .steps import Steps, finish
 
 
 class Attention(nn.Module):
@@ -91,7 +77,7 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return finish(self.forward_steps(pixels))
 
-    def forward_steps(self, pixels: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def forward_steps(self, pixels: torch.Tensor) -> Steps[torch.Tensor]:
         """`forward` in pieces: yields before each block, so a scheduler can run other work
         between blocks (a whole tower takes seconds on a CPU); returns forward's result."""
         x = self.patch_embed(pixels) + self.pos_embed
@@ -111,5 +97,5 @@ class CLIPVisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision_tower(pixels)
 
-    def forward_steps(self, pixels: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def forward_steps(self, pixels: torch.Tensor) -> Steps[torch.Tensor]:
         return self.vision_tower.forward_steps(pixels)
