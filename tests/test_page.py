@@ -177,11 +177,34 @@ def test_api_key_is_asked_for_and_kept(browser, janus, tmp_path) -> None:
         page.close()
 
 
-def test_keyboard_reaches_the_controls(browser, server) -> None:
+def test_keyboard_reaches_the_controls(browser, server, tmp_path) -> None:
     page = Page(browser, server.url)
     seen = set()
     for _ in range(25):
         page.page.keyboard.press("Tab")
         seen.add(page.page.evaluate("() => document.activeElement.dataset.testid || ''"))
     assert {"api-key", "chat-tab", "imagine-tab", "chat-input", "chat-send", "chat-new", "temperature"} <= seen
+    page.shot(tmp_path / "keyboard.png")
+    page.close()
+
+
+def test_images_attach_by_drop_and_paste(browser, server, tmp_path) -> None:
+    import base64
+
+    page = Page(browser, server.url)
+    b64 = base64.b64encode(png_bytes(make_image(32, 32, seed=8))).decode()
+    make = """(b64) => { const dt = new DataTransfer();
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'})); return dt; }"""
+    page.page.dispatch_event("#composer", "drop", {"dataTransfer": page.page.evaluate_handle(make, b64)})
+    page.page.wait_for_function("() => document.querySelectorAll('#pending img').length === 1")
+    page.page.evaluate("""(b64) => { const dt = new DataTransfer();
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        dt.items.add(new File([bytes], 'pasted.png', {type: 'image/png'}));
+        document.querySelector('[data-testid=chat-input]').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true})); }""", b64)
+    page.page.wait_for_function("() => document.querySelectorAll('#pending img').length === 2")
+    answer = _ask(page, "Two pictures?", max_tokens=6)
+    assert page.page.locator(".user .thumbs img").count() == 2 and answer
+    page.shot(tmp_path / "drop-paste.png")
     page.close()
