@@ -70,7 +70,9 @@ def chat_once(client: openai.OpenAI, content: Any, new_tokens: int) -> dict[str,
                                             max_tokens=new_tokens, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        # The server sends one chunk per token (content "" while its text is held back, which
+        # random weights do often); the first chunk comes with the first token.
+        if chunk.choices and chunk.choices[0].delta.content is not None:
             stamps.append(time.perf_counter())
         if chunk.usage:
             tokens = chunk.usage.completion_tokens

@@ -137,8 +137,9 @@ class ChatJob(Job):
                 "length" if self.counts[row] == self.request.max_new_tokens else None
             if reason is not None:
                 text += stream.finish()
-            if text:
-                self.request.emit(Delta(row, text))
+            # One Delta per token, even when its text is held back (an incomplete character, a
+            # possible stop string): streams show progress and time to first token is visible.
+            self.request.emit(Delta(row, text))
             if reason is None:
                 keep.append(i)
             else:

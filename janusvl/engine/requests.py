@@ -21,7 +21,8 @@ from ..processing.processor import BatchedVLChatProcessorOutput
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of one answer (row) of a chat request."""
+    """One new token of one answer (row) of a chat request, and the text it made final ("" while
+    the text is held back)."""
     row: int
     text: str
 

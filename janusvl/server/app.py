@@ -375,11 +375,15 @@ async def _stream_chat(req: ChatRequest, events: EventQueue, head: dict[str, Any
         return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
     try:
-        for row in range(req.n):
-            yield chunk([{"index": row, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        started = False
         while True:
             event = await events.get()
-            if isinstance(event, Delta):
+            if not started and isinstance(event, (Delta, RowDone)):  # the first token is drawn
+                started = True
+                for row in range(req.n):
+                    yield chunk([{"index": row, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None}])
+            if isinstance(event, Delta):  # one chunk per token ("" while its text is held back)
                 yield chunk([{"index": event.row, "delta": {"content": event.text}, "finish_reason": None}])
             elif isinstance(event, RowDone):
                 yield chunk([{"index": event.row, "delta": {}, "finish_reason": event.finish_reason}])
