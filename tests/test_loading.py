@@ -240,14 +240,14 @@ def test_config_is_frozen() -> None:
         cfg.language_config.hidden_size = 3  # type: ignore[misc]
 
 
-def make_hub_cache(src: Path, cache: Path, repo_id: str) -> Path:
-    """Lay `src` out as huggingface_hub's cache does for `repo_id` at revision main."""
+def make_hub_cache(src: Path, cache: Path, repo_id: str, revision: str = "main", commit: str = "0" * 40) -> Path:
+    """Lay `src` out as huggingface_hub's cache does for `repo_id` at `revision` (a branch or tag
+    naming `commit`); call again with other revisions to add them."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
     snap = repo / "snapshots" / commit
     shutil.copytree(src, snap)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
     return snap
 
 
