@@ -86,11 +86,16 @@ def test_system_prompt_reset_and_exit(janus, tiny_dir, image_path) -> None:
     assert fresh != kept and one != janus.chat([first], max_new_tokens=6).text
 
 
-def test_version() -> None:
+def test_version(capsys) -> None:
+    """The version of the installed distribution (pyproject.toml's), which the package repeats."""
+    from importlib.metadata import version
+
     from janusvl import __version__
 
-    proc = janusvl("--version")
-    assert proc.returncode == 0 and proc.stdout == f"janusvl {__version__}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"janusvl {version('janusvl')}\n"
+    assert __version__ == version("janusvl")
 
 
 def test_demo_with_a_model_answers_its_prompt(janus, tiny_dir) -> None:

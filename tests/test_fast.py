@@ -191,7 +191,7 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
 
 
 @pytest.mark.parametrize("vnni", [True, False])
-def test_int8_activations_are_7_bit_only_without_vnni(tiny_dir, monkeypatch, vnni: bool) -> None:
+def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
     monkeypatch.setattr(fast, "_HAS_VNNI", vnni)
     layer = Int8Linear(torch.randn(32, 16).to(torch.bfloat16), None)
     dynamic = record(monkeypatch, torch.ops.quantized, "linear_dynamic", lambda x, packed, reduce_range: reduce_range)

@@ -143,7 +143,7 @@ def test_deepseek_generate_samples_as_transformers_does(tiny, hf_model) -> None:
     tokenizer, _, model = tiny
     embeds, mask = inputs(tiny, ["text", "short_text"])
     kwargs = dict(attention_mask=mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                  max_new_tokens=24, min_new_tokens=24, do_sample=True)
+                  max_new_tokens=16, min_new_tokens=16, do_sample=True)
 
     def draw(generate, **extra) -> torch.Tensor:
         torch.manual_seed(3)

@@ -31,16 +31,16 @@ def config_dict(size: str, vocab_size: int, dtype: str = "bfloat16", image_size:
     if size == "tiny":
         D = 64
         base_language = {"hidden_size": D, "intermediate_size": 160, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 4,
-                    "vocab_size": vocab_size, "max_position_embeddings": 4096}
+                         "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "vocab_size": vocab_size, "max_position_embeddings": 4096}
         # Two real SigLIP-L blocks (select_layer=2) and a narrow VQ decoder keep it small.
         vision = {"select_layer": 2}
         gen_vision = {"base_channels": 32, "z_channels": 64}
     elif size == "pro-1b":
         D = 2048
         base_language = {"hidden_size": D, "intermediate_size": 5632, "num_hidden_layers": 24,
-                    "num_attention_heads": 16, "num_key_value_heads": 16,
-                    "vocab_size": 102400, "max_position_embeddings": 16384}
+                         "num_attention_heads": 16, "num_key_value_heads": 16,
+                         "vocab_size": 102400, "max_position_embeddings": 16384}
         vision, gen_vision = {"select_layer": -1}, {}
     elif size == "pro-7b":  # as published: the LLaMA defaults fill in the rest
         D = 4096
@@ -59,7 +59,8 @@ def config_dict(size: str, vocab_size: int, dtype: str = "bfloat16", image_size:
         "gen_aligner_config": _section("MlpProjector", projector_type="mlp_gelu", depth=2,
                                        input_dim=8, n_embed=D),
         "gen_head_config": _section("vision_head", image_token_embed=D, image_token_size=16384, n_embed=D),
-        "language_config": {"model_type": "llama", "torch_dtype": dtype, **base_language, **(language or {})},
+        "language_config": {"model_type": "llama", "torch_dtype": dtype, **base_language,
+                            **(language or {})},
     }
 
 
