@@ -207,6 +207,11 @@ def _vision(raw: dict[str, Any]) -> VisionConfig:
             f"config.json: vision_config.params.image_size {cfg.image_size} is not a multiple of "
             f"the patch size {cfg.spec.patch_size}"
         )
+    if cfg.num_blocks < 0:
+        raise ConfigError(
+            f"config.json: vision_config.params.select_layer {cfg.select_layer} selects no layer of "
+            f"{cfg.model_name}'s {cfg.spec.layers}; it must be >= {-cfg.spec.layers - 1}"
+        )
     return cfg
 
 

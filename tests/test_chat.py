@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import gc
+import inspect
 import io
+import weakref
 
 import pytest
 import torch
@@ -11,6 +14,9 @@ import torch
 from conftest import EOS_PROMPT, EOS_STEP, make_image
 from janusvl import InputError, Janus, MultiModalityCausalLM, VLChatProcessor, load_pil_images
 from janusvl.api import ChatResult
+from janusvl.generation.sampling import SamplingParams
+from janusvl.generation.stream import TextStream
+from janusvl.generation.text import generate_tokens
 from janusvl.processing import DEFAULT_SYSTEM_PROMPT
 from janusvl.testing.tokenizer import EOS, write_processor_configs, write_tokenizer
 
@@ -143,12 +149,28 @@ def test_stream_equals_non_stream(janus, kwargs: dict) -> None:
     assert len(chunks) > 5
 
 
-def test_stream_close_keeps_what_was_produced(janus) -> None:
+def test_stream_close_keeps_what_was_produced_and_frees_the_generation(janus, eos_model, monkeypatch) -> None:
+    """Closing after two chunks: the result holds exactly the tokens decoded so far, and the
+    token generator and its KV cache are released at once."""
+    _, base = eos_model  # the greedy ids of EOS_PROMPT
+    decoder, caches = janus.model.language_model.model, []
+    new_cache = decoder.new_cache
+    monkeypatch.setattr(decoder, "new_cache", lambda *a, **kw: caches.append(new_cache(*a, **kw)) or caches[-1])
     stream = janus.chat(EOS_PROMPT, max_new_tokens=30, stream=True)
     first = [next(stream), next(stream)]
+    steps, cache = stream._run._steps, weakref.ref(caches.pop())
     stream.close()
-    assert stream.result.text == "".join(first) == stream.text
-    assert stream.result.finish_reason == "length" and stream.result.completion_tokens < 30
+    # the tokens it took to give two non-empty chunks, by the same detokenizer rules
+    text, needed = TextStream(janus.tokenizer), 0
+    while len([c for c in [text.push(t) for t in base[:needed]] if c]) < 2:
+        text, needed = TextStream(janus.tokenizer), needed + 1
+    assert stream.result == ChatResult("".join(first), "length", stream.result.prompt_tokens, needed)
+    assert stream.text == "".join(first) == janus.tokenizer.decode(base[:needed], skip_special_tokens=True)
+    assert inspect.getgeneratorstate(steps) == inspect.GEN_CLOSED
+    gc.collect()
+    assert cache() is None
+    with pytest.raises(StopIteration):
+        next(stream)
 
 
 def test_seeded_sampling_is_reproducible(janus) -> None:
@@ -161,18 +183,69 @@ def test_seeded_sampling_is_reproducible(janus) -> None:
     assert ask(seed=1, top_k=1) == janus.chat(EOS_PROMPT, max_new_tokens=16).text
 
 
+TEXT_BATCH = ["What is this?", [{"role": "system", "content": ""}, user("Tell me a story about a café in 日本.")]]
+BATCH = [TEXT_BATCH[0], [user(IMAGE, "Describe this image.")], TEXT_BATCH[1]]
+
+
 def test_chat_batch_equals_one_by_one(janus) -> None:
-    conversations = ["What is this?", [user(IMAGE, "Describe this image.")],
-                     [{"role": "system", "content": ""}, user("Tell me a story about a café in 日本.")]]
-    batched = janus.chat_batch(conversations, max_new_tokens=12, stop=["e"])
-    assert batched == [janus.chat(c, max_new_tokens=12, stop=["e"]) for c in conversations]
+    """Greedy, no stop strings: every row decodes 40 tokens and equals its conversation alone."""
+    batched = janus.chat_batch(BATCH, max_new_tokens=40)
+    assert batched == [janus.chat(c, max_new_tokens=40) for c in BATCH]
+    assert [r.completion_tokens for r in batched] == [40] * 3 and all(len(r.text) > 20 for r in batched)
     assert len({r.prompt_tokens for r in batched}) == 3  # really left-padded rows of different lengths
+
+
+def test_chat_batch_rows_stop_on_their_own(janus, eos_model) -> None:
+    """Rows end at their own EOS or stop string; the others go on, unchanged by that."""
+    model, _ = eos_model  # answers with EOS often: each row of this batch ends at another step
+    biased = Janus(model, janus.processor)
+    conversations = [EOS_PROMPT, "Hi", *TEXT_BATCH]
+    batched = biased.chat_batch(conversations, max_new_tokens=24)
+    assert batched == [biased.chat(c, max_new_tokens=24) for c in conversations]
+    assert {r.finish_reason for r in batched} == {"stop"} and batched[0].completion_tokens == EOS_STEP + 1
+    assert len({r.completion_tokens for r in batched}) == 4
+    # a stop string from the middle of row 0's answer that row 1 never produces
+    free = janus.chat_batch(TEXT_BATCH, max_new_tokens=24)
+    text = free[0].text
+    stop = next(text[i:i + 3] for i in range(8, len(text) - 3)
+                if text.find(text[i:i + 3]) == i and text[i:i + 3] not in free[1].text)
+    stopped = janus.chat_batch(TEXT_BATCH, max_new_tokens=24, stop=[stop])
+    assert stopped == [janus.chat(c, max_new_tokens=24, stop=[stop]) for c in TEXT_BATCH]
+    assert stopped[0].text == text[:text.find(stop)] and stopped[0].finish_reason == "stop"
+    assert stopped[0].completion_tokens < 24 and stopped[1] == free[1] and free[1].finish_reason == "length"
+
+
+def test_chat_batch_samples_each_row_from_its_own_distribution(janus) -> None:
+    """Seeded sampling in a batch: reproducible, and every token drawn is among the top 3 of the
+    logits its own conversation gives alone (row mix-ups or padding leaks would leave that set)."""
+    conversations = TEXT_BATCH
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=3, seed=11)
+    batched = janus.chat_batch(conversations, **kw)
+    assert batched == janus.chat_batch(conversations, **kw) != janus.chat_batch(conversations, **{**kw, "seed": 12})
+    processor, model = janus.processor, janus.model
+    outs = [processor.process_one(prompt=janus.build_prompt(c)[0]) for c in conversations]
+    batch = processor.batchify(outs)
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(**batch)
+        steps = generate_tokens(model.language_model, embeds, batch.attention_mask, 16, janus.tokenizer.eos_token_id,
+                                SamplingParams(temperature=1.0, top_k=3), seed=11)
+        drawn = torch.stack([ids for ids, _ in steps], dim=1)  # [2, 16]
+        assert [janus.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in drawn] \
+            == [r.text for r in batched]
+        for out, row in zip(outs, drawn):
+            ids = torch.cat([out.input_ids, row])[None]
+            logits = model.language_model(input_ids=ids).logits[0, len(out.input_ids) - 1 : -1]
+            top3 = logits.topk(3, dim=-1).indices
+            assert (top3 == row[:, None]).any(-1).all()
+            assert not (logits.argmax(-1) == row).all()  # sampled, not greedy
 
 
 # --- DeepSeek's inference script ----------------------------------------------------------------
 
-def test_deepseek_inference_script_runs_unchanged(tiny_dir, tmp_path) -> None:
-    """DeepSeek's inference.py with only the imports changed (and no .cuda(): this is a CPU test)."""
+def test_deepseek_inference_script_runs_unchanged(tiny_dir, hf_model_bf16, tmp_path) -> None:
+    """DeepSeek's inference.py with only the imports changed (no .cuda(): this is a CPU test, and
+    max_new_tokens capped at 32 to keep it short); transformers' generate, given the same
+    embeddings and arguments, gives the same bf16 ids."""
     image_path = tmp_path / "equation.png"
     IMAGE.save(image_path)
 
@@ -206,7 +279,7 @@ def test_deepseek_inference_script_runs_unchanged(tiny_dir, tmp_path) -> None:
         pad_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=512,
+        max_new_tokens=32,
         do_sample=False,
         use_cache=True,
     )
@@ -217,7 +290,11 @@ def test_deepseek_inference_script_runs_unchanged(tiny_dir, tmp_path) -> None:
 
     assert prepare_inputs["sft_format"][0].endswith(
         "<|User|>: <image_placeholder>\nConvert the formula into latex code.\n\n<|Assistant|>:")
-    assert outputs.shape[0] == 1 and 0 < outputs.shape[1] <= 512
-    # the high-level API on the same model says the same thing
-    result = Janus(vl_gpt, vl_chat_processor).chat(conversation, max_new_tokens=512)
-    assert result.text == answer and result.completion_tokens == outputs.shape[1]
+    assert vl_gpt.dtype == torch.bfloat16 and inputs_embeds.dtype == torch.bfloat16
+    with torch.inference_mode():
+        theirs = hf_model_bf16.generate(
+            inputs_embeds=inputs_embeds, attention_mask=prepare_inputs.attention_mask, generation_mode="text",
+            pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, max_new_tokens=32, do_sample=False, use_cache=True)
+    assert torch.equal(outputs, theirs) and outputs.shape == (1, 32)
+    assert len(set(outputs[0].tolist())) >= 5 and answer == tokenizer.decode(theirs[0], skip_special_tokens=True)

@@ -18,6 +18,7 @@ from janusvl.cli import main
 from janusvl.cli.convert import parse_size
 from janusvl.loading.convert import ConvertError, convert_checkpoint
 from janusvl.testing.checkpoint import WEIGHT_LAYOUTS, save_weights, write_checkpoint
+from test_loading import make_hub_cache
 
 UNUSED = ("vision_model.vision_tower.attn_pool.latent", "gen_vision_model.quantize.codebook_used")
 CONVERSATION = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this.",
@@ -294,6 +295,41 @@ def test_cli_converts_with_progress_on_stderr(bf16_dir, reference, tmp_path, cap
     assert out == "" and "Converting" in err and f"Wrote {dst}" in err
     tensors, by_file = read_output(dst)
     assert len(by_file) >= 2 and all(torch.equal(tensors[k], v) for k, v in reference.items())
+
+
+def test_cli_to_hf_writes_what_the_library_writes(tiny_dir, tmp_path) -> None:
+    api = convert_checkpoint(tiny_dir, tmp_path / "api", to="hf")
+    assert main(["convert", str(tiny_dir), str(tmp_path / "cli"), "--to", "hf"]) == 0
+    written = {p.name: p.read_bytes() for p in (tmp_path / "cli").iterdir()}
+    assert written == {p.name: p.read_bytes() for p in api.iterdir()}
+    assert json.loads(written["config.json"])["architectures"] == ["JanusForConditionalGeneration"]
+
+
+def test_cli_force_replaces_a_non_empty_destination(bf16_dir, reference, tmp_path, capsys) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    assert main(["convert", str(bf16_dir), str(dst), "--force"]) == 0
+    assert "notes.txt" not in {p.name for p in dst.iterdir()} and leftovers(tmp_path) == []
+    tensors, _ = read_output(dst)
+    assert set(tensors) == set(reference) and all(torch.equal(tensors[k], v) for k, v in reference.items())
+
+
+def test_cli_revision_picks_that_snapshot(bf16_dir, reference, tmp_path, monkeypatch) -> None:
+    """A Hub id at --revision v2 converts v2's weights; without it, main's."""
+    repo_id, cache = "deepseek-ai/Janus-Pro-1B", tmp_path / "hub"
+    make_hub_cache(bf16_dir, cache, repo_id)
+    v2 = write_checkpoint(tmp_path / "v2", dtype=torch.bfloat16, seed=8)
+    make_hub_cache(v2, cache, repo_id, revision="v2", commit="2" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["convert", repo_id, str(tmp_path / "at-v2"), "--revision", "v2"]) == 0
+    assert main(["convert", repo_id, str(tmp_path / "at-main")]) == 0
+    at_v2, _ = read_output(tmp_path / "at-v2")
+    at_main, _ = read_output(tmp_path / "at-main")
+    key = "language_model.lm_head.weight"
+    assert torch.equal(at_v2[key], load_file(str(v2 / "model.safetensors"))[key])
+    assert torch.equal(at_main[key], reference[key]) and not torch.equal(at_main[key], at_v2[key])
 
 
 @pytest.mark.parametrize(("case", "message"), [

@@ -1,4 +1,12 @@
-"""The fast decoder paths give the plain path's results: packed bf16 exactly, int8 within bounds."""
+"""The fast decoder paths give the plain path's results: fused projections and packed bf16
+exactly, int8 within the documented bounds; and each CPU class gets the kernels meant for it.
+
+CPU classes: with native bf16 (AVX-512 BF16, AMX), `optimize` fuses q/k/v and gate/up and packs
+every projection for oneDNN; without it (AVX2), bf16 decoders stay as loaded and `layers` computes
+large products in fp32; int8 runs fbgemm's dynamic kernel on decode-sized calls (7-bit
+activations without VNNI) and int8 weights x activations on prompts. Detection is monkeypatched
+so every selection is checked on every CPU; only running oneDNN's packed kernel needs the CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,23 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from janusvl import MultiModalityCausalLM
-from janusvl.generation.text import generate
-from janusvl.models.fast import DYNAMIC_MAX_ROWS, Int8Linear, PackedLinear, can_pack, optimize, release_pages
+from conftest import rel_error
+from janusvl import InputError, Janus, MultiModalityCausalLM
+from janusvl.generation.text import decode_step, generate, prefill
+from janusvl.models import fast, layers
+from janusvl.models.fast import Int8Linear, PackedLinear, can_pack, optimize, release_pages
+from test_loading import tied_checkpoint
 
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
 INT8_PREFILL_MAX_REL_ERROR = 0.05
 INT8_DECODE_MAX_REL_ERROR = 0.08
 
 
-def load(tiny_dir, quantize=None, fast=False):
-    model = MultiModalityCausalLM.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16")
+def load(ckpt, quantize=None, fast=False):
+    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="bfloat16")
     if fast or quantize:
         optimize(model.language_model, quantize)
     return model
@@ -31,46 +44,174 @@ def prompt(model, T: int = 40, B: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return model.language_model.get_input_embeddings()(ids), mask
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="CPU without bf16 oneDNN")
-def test_packed_bf16_is_bit_identical(tiny_dir) -> None:
-    plain, fast = load(tiny_dir), load(tiny_dir, fast=True)
-    assert isinstance(fast.language_model.lm_head, PackedLinear)
-    assert fast.language_model.model.layers[0].self_attn.qkv_proj is not None
+def phases(lm, embeds: torch.Tensor, mask: torch.Tensor, calls: list) -> dict[str, tuple[torch.Tensor, list]]:
+    """{phase: (logits, calls recorded in it)} for a real prefill and one cached decode step."""
+    B, T, _ = embeds.shape
+    cache = lm.model.new_cache(B, T + 1)
+    out = {}
+    with torch.inference_mode():
+        logits = prefill(lm, embeds, mask, cache)
+        out["prefill"], calls[:] = (logits, list(calls)), []
+        next_ids = torch.tensor([5, 9])[:B]  # the same token for both models, bf16 and int8
+        logits = decode_step(lm, next_ids, mask.sum(-1, keepdim=True), cache)
+        out["decode"], calls[:] = (logits, list(calls)), []
+    return out
+
+
+def record(monkeypatch, owner: object, name: str, what, calls: list | None = None) -> list:
+    """Wrap owner.name so each call appends what(*args) to `calls` (a new list if None); returns it."""
+    calls, real = [] if calls is None else calls, getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(what(*args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class UnpackedLinear(nn.Module):
+    """Stands in for PackedLinear where oneDNN cannot pack bf16 (it refuses without AVX-512 or
+    AVX-NE-CONVERT): the same fused weight through the plain layers."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layers.linear(x, self.weight, self.bias)
+
+
+@pytest.fixture
+def packing_cpu(monkeypatch) -> None:
+    """A CPU with native bf16 as `optimize` sees it, with the packed kernel stood in for."""
+    monkeypatch.setattr(fast, "native_bf16", lambda: True)
+    monkeypatch.setattr(fast, "PackedLinear", UnpackedLinear)
+
+
+# --- bf16: fusion and packing --------------------------------------------------------------------
+
+def test_fusion_is_exact_on_every_cpu(gqa_dir, packing_cpu) -> None:
+    """On a native-bf16 CPU, `optimize` fuses q/k/v and gate/up and packs every projection and the
+    head; the fused model computes bit for bit what the loaded one does. Grouped-query attention
+    makes the k and v parts of the fused projection narrower than q."""
+    plain, fused = load(gqa_dir), load(gqa_dir, fast=True)
+    cfg = plain.config.language_config
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    assert q_rows == 2 * kv_rows
+    for a, b in zip(plain.language_model.model.layers, fused.language_model.model.layers, strict=True):
+        attn, mlp = b.self_attn, b.mlp
+        assert all(isinstance(m, UnpackedLinear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        assert not any(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+        assert not any(hasattr(mlp, n) for n in ("gate_proj", "up_proj"))
+        assert torch.equal(attn.qkv_proj.weight, torch.cat([a.self_attn.q_proj.weight, a.self_attn.k_proj.weight,
+                                                            a.self_attn.v_proj.weight]))
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([a.mlp.gate_proj.weight, a.mlp.up_proj.weight]))
+    assert isinstance(fused.language_model.lm_head, UnpackedLinear)
     embeds, mask = prompt(plain)
     with torch.inference_mode():
         a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits
-        b = fast.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        b = fused.language_model(inputs_embeds=embeds, attention_mask=mask).logits
         assert torch.equal(a, b)
         kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
-        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast.language_model, embeds, **kw))
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fused.language_model, embeds, **kw))
 
 
-@pytest.mark.parametrize("T, path, bound", [
-    (40, "prefill: int8 weights x bf16 activations", INT8_PREFILL_MAX_REL_ERROR),
-    (8, "decode-sized: fbgemm dynamic (activations quantised too)", INT8_DECODE_MAX_REL_ERROR),
-])
-def test_int8_logits_within_documented_error(tiny_dir, T, path, bound) -> None:
-    plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
-    assert isinstance(q.language_model.lm_head, Int8Linear)
-    assert q.language_model.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
-    embeds, mask = prompt(plain, T=T)
-    assert (embeds.shape[0] * T <= DYNAMIC_MAX_ROWS) == path.startswith("decode")
-    with torch.inference_mode():
-        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
-        b = q.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
-    rel = ((a - b).norm() / a.norm()).item()
-    print(f"\nint8 vs bf16 last-token logits, {path}, relative L2 error: {rel:.4f}")
-    assert 0 < rel < bound  # 0 would mean nothing was quantised
-
-
-def test_int8_generation_runs_both_paths(tiny_dir) -> None:
-    plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)),
+                    reason="runs oneDNN's packed bf16 kernel, which needs a CPU with native bf16 (AVX-512 BF16 "
+                           "or AMX); test_fusion_is_exact_on_every_cpu checks the rewrite on every CPU")
+def test_packed_bf16_is_bit_identical(gqa_dir) -> None:
+    plain, fast_ = load(gqa_dir), load(gqa_dir, fast=True)
+    assert isinstance(fast_.language_model.lm_head, PackedLinear)
+    assert isinstance(fast_.language_model.model.layers[0].self_attn.qkv_proj, PackedLinear)
     embeds, mask = prompt(plain)
-    kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
-    a, b = generate(plain.language_model, embeds, **kw), generate(q.language_model, embeds, **kw)
-    assert a.shape == b.shape == (2, 12)
-    # random tiny weights give flat logits, so greedy choices may part; most still agree
-    assert (a == b).float().mean().item() > 0.5
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        b = fast_.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        assert torch.equal(a, b)
+        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast_.language_model, embeds, **kw))
+
+
+def test_without_native_bf16_prompts_compute_in_fp32_and_decoding_in_bf16(tiny_dir, monkeypatch) -> None:
+    """What `Janus.from_pretrained` gives a bf16 checkpoint on an AVX2 CPU: the decoder as loaded
+    (packing would not help), prompts' products in fp32 (bf16 GEMMs are scalar loops there), and
+    decode-sized products and single-query attention in bf16 (memory bound: half the bytes)."""
+    monkeypatch.setattr(layers, "native_bf16", lambda: False)
+    monkeypatch.setattr(fast, "native_bf16", lambda: False)
+    model = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16").model
+    lm = model.language_model
+    assert type(lm.lm_head) is layers.Linear and lm.model.layers[0].self_attn.qkv_proj is None
+    linear = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
+    attention = record(monkeypatch, F, "scaled_dot_product_attention", lambda q, k, v, **_: (q.shape[-2], q.dtype))
+    embeds, mask = prompt(model)
+    B, T, _ = embeds.shape
+    seen = phases(lm, embeds, mask, linear)
+    n = len(lm.model.layers)
+    # prefill: 7 projections a layer on B*T rows in fp32, the head on the last position in bf16
+    assert seen["prefill"][1] == [(B * T, torch.float32)] * 7 * n + [(B, torch.bfloat16)]
+    assert seen["decode"][1] == [(B, torch.bfloat16)] * (7 * n + 1)
+    assert attention == [(T, torch.float32)] * n + [(1, torch.bfloat16)] * n
+
+
+def test_fp32_decoders_are_left_as_loaded(tiny_dir, packing_cpu) -> None:
+    model = MultiModalityCausalLM.from_pretrained(tiny_dir, device="cpu", dtype="float32")
+    optimize(model.language_model)
+    assert type(model.language_model.lm_head) is layers.Linear
+    assert model.language_model.model.layers[0].self_attn.qkv_proj is None
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeypatch) -> None:
+    """Prompts multiply int8 weights x bf16 activations (the head, on one row a sequence, takes the
+    dynamic kernel); each decode step runs every projection in fbgemm's dynamic kernel. A real
+    prefill and a real cached decode step stay within the README's bounds of bf16."""
+    plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
+    assert q.language_model.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
+    embeds, mask = prompt(plain)
+    B, T, _ = embeds.shape
+    reference = phases(plain.language_model, embeds, mask, [])
+    calls = record(monkeypatch, fast, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
+    record(monkeypatch, torch.ops.quantized, "linear_dynamic",
+           lambda x, packed, reduce_range: ("dynamic", rows(x), reduce_range), calls)
+    seen = phases(q.language_model, embeds, mask, calls)
+    n, seven_bit = len(q.language_model.model.layers), not fast._HAS_VNNI
+    # qkv, o, gate_up, down per layer, then the head
+    assert seen["prefill"][1] == [("int8 weights", B * T, torch.bfloat16)] * 4 * n + [("dynamic", B, seven_bit)]
+    assert seen["decode"][1] == [("dynamic", B, seven_bit)] * (4 * n + 1)
+    for phase, bound in (("prefill", INT8_PREFILL_MAX_REL_ERROR), ("decode", INT8_DECODE_MAX_REL_ERROR)):
+        error = rel_error(seen[phase][0], reference[phase][0])
+        print(f"\nint8 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
+        assert 0 < error < bound, phase  # 0 would mean nothing was quantised
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
+    monkeypatch.setattr(fast, "_HAS_VNNI", vnni)
+    layer = Int8Linear(torch.randn(32, 16).to(torch.bfloat16), None)
+    dynamic = record(monkeypatch, torch.ops.quantized, "linear_dynamic", lambda x, packed, reduce_range: reduce_range)
+    layer(torch.randn(2, 16).to(torch.bfloat16))
+    assert dynamic == [not vnni]
+
+
+@pytest.mark.parametrize("flags,vnni", [("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True),
+                                        ("fpu avx2 fma", False), (None, False)])
+def test_vnni_is_read_from_cpuinfo(monkeypatch, flags: str | None, vnni: bool) -> None:
+    import io
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/cpuinfo"
+        if flags is None:
+            raise OSError("no /proc here")
+        return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+
+    monkeypatch.setattr(fast, "open", fake_open, raising=False)
+    assert fast._cpu_has_vnni() is vnni
 
 
 def test_int8_linear_dequantises_to_the_weight() -> None:
@@ -88,9 +229,48 @@ def test_int8_linear_dequantises_to_the_weight() -> None:
     assert torch.equal(layer.qweight.abs().amax(1), torch.full((64,), 127, dtype=torch.int8))
 
 
+def test_janus_from_pretrained_quantizes_and_rejects_unknown_schemes(tiny_dir, tiny) -> None:
+    janus = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="int8")
+    lm = janus.model.language_model
+    assert isinstance(lm.lm_head, Int8Linear) and isinstance(lm.model.layers[0].self_attn.qkv_proj, Int8Linear)
+    assert janus.model.dtype == torch.bfloat16  # only the decoder's linear weights are int8
+    by_hand = Janus(load(tiny_dir, quantize="int8"), tiny[1])
+    assert janus.chat("Describe.", max_new_tokens=8) == by_hand.chat("Describe.", max_new_tokens=8)
+    plain = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="none")
+    assert type(plain.model.language_model.lm_head) is layers.Linear
+    with pytest.raises(InputError, match="quantize must be None or 'int8', got 'int4'"):
+        Janus.from_pretrained(tiny_dir, quantize="int4")
+
+
 def test_optimize_rejects_unknown_quantisation(tiny_dir) -> None:
     with pytest.raises(ValueError, match="int4"):
         load(tiny_dir, quantize="int4")
+
+
+# --- tied embeddings -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_optimize_keeps_tied_embeddings(tiny_dir, tmp_path, monkeypatch, packing_cpu, quantize) -> None:
+    """A tied head is rewritten from the embedding, which stays as loaded and is never paged out."""
+    ckpt = tied_checkpoint(tiny_dir, tmp_path / "tied")
+    plain, model = load(ckpt), load(ckpt)
+    embed = model.language_model.model.embed_tokens.weight
+    before = embed.clone()
+    released = record(monkeypatch, fast, "release_pages", lambda *tensors: [t.data_ptr() for t in tensors])
+    optimize(model.language_model, quantize)
+    head = model.language_model.lm_head
+    assert model.language_model.model.embed_tokens.weight is embed and torch.equal(embed, before)
+    assert embed.data_ptr() not in [ptr for call in released for ptr in call] and len(released) == 2
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+        b = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+    if quantize is None:
+        assert head.weight is embed and torch.equal(a, b)
+    else:
+        dequantised = head.qweight.float() * head.scale[:, None]
+        assert ((dequantised - embed.float()).abs() <= head.scale[:, None] / 2 + 1e-6).all()
+        assert 0 < rel_error(b, a) < INT8_PREFILL_MAX_REL_ERROR
 
 
 def mapped_rss_mb(path) -> float:

@@ -1,10 +1,14 @@
-"""Text generation: greedy parity with transformers' Janus `generate`, KV-cached decoding equal to
-a full forward, DeepSeek's `language_model.generate` contract (left padding, per-row EOS, padding
-after it, the context limit), the sampling filters, and the streaming detokenizer."""
+"""Text generation: greedy and sampled parity with transformers' Janus `generate`, KV-cached
+decoding equal to a full forward (selected rows, a growing cache, the end of the context),
+DeepSeek's `language_model.generate` contract (left padding, per-row EOS or a list of them,
+padding after it, `input_ids=`, the context limit), the sampling filters and the distributions
+they leave, and the streaming detokenizer."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import random
 
 import pytest
@@ -14,7 +18,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 
 from conftest import EOS_PROMPT, EOS_STEP, make_image
 from janusvl import InputError
-from janusvl.generation.sampling import SamplingParams, filter_logits
+from janusvl.generation.sampling import SamplingParams, filter_logits, sample
 from janusvl.generation.stream import IncrementalDetokenizer, StopMatcher, TextStream
 from janusvl.generation.text import decode_step, generate_tokens, prefill
 from janusvl.processing import JanusTokenizer
@@ -133,6 +137,128 @@ def test_max_new_tokens_beyond_the_context_is_an_input_error(tiny) -> None:
         generate_tokens(model.language_model, embeds, mask, 0, None)  # fails at the call, not at next()
 
 
+def test_deepseek_generate_samples_as_transformers_does(tiny, hf_model) -> None:
+    """do_sample=True draws what transformers' generate draws from the same global seed, with its
+    default top_k of 50 in force (the tiny vocabulary is ~700 tokens, so it matters)."""
+    tokenizer, _, model = tiny
+    embeds, mask = inputs(tiny, ["text", "short_text"])
+    kwargs = dict(attention_mask=mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                  max_new_tokens=16, min_new_tokens=16, do_sample=True)
+
+    def draw(generate, **extra) -> torch.Tensor:
+        torch.manual_seed(3)
+        return generate(inputs_embeds=embeds, **kwargs, **extra)
+
+    with torch.no_grad():
+        for extra in ({}, {"temperature": 0.7, "top_p": 0.9}):
+            ours = draw(model.language_model.generate, **extra)
+            assert torch.equal(ours, draw(hf_model.generate, generation_mode="text", **extra)), extra
+        unfiltered = draw(model.language_model.generate, top_k=0)
+        greedy = model.language_model.generate(inputs_embeds=embeds, **{**kwargs, "do_sample": False})
+    default = draw(model.language_model.generate)
+    assert not torch.equal(default, unfiltered) and not torch.equal(default, greedy)
+
+
+def test_deepseek_generate_from_input_ids(tiny, hf_model) -> None:
+    """Given ids, generate returns them followed by the new ids, as transformers does; without an
+    attention mask, pad ids are masked out (transformers infers the same mask)."""
+    tokenizer, processor, model = tiny
+    lm = model.language_model
+    batch = processor.batchify([processor.process_one(conversations=CONVERSATIONS[n]) for n in ("text", "short_text")])
+    ids, mask = batch.input_ids, batch.attention_mask
+    assert not mask.all()  # left padding to mask
+    kwargs = dict(max_new_tokens=10, eos_token_id=tokenizer.eos_token_id, pad_token_id=processor.pad_id)
+    with torch.no_grad():
+        ours = lm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(ours, hf_model.generate(input_ids=ids, attention_mask=mask, generation_mode="text", **kwargs))
+        assert torch.equal(lm.generate(input_ids=ids, **kwargs), ours)
+        assert torch.equal(ours[:, : ids.shape[1]], ids)
+        new = lm.generate(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, **kwargs)
+    assert torch.equal(ours[:, ids.shape[1]:], new) and new.shape == (2, 10)
+
+
+def test_deepseek_generate_with_a_list_of_eos_ids(tiny, hf_model) -> None:
+    """Each row stops at the first of several EOS ids; finished rows are padded with the first of
+    them when no pad id is given, as transformers does."""
+    tokenizer, _, model = tiny
+    lm = model.language_model
+    embeds, mask = inputs(tiny, ["text", "short_text"])
+    with torch.no_grad():
+        free = lm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=None, max_new_tokens=12).tolist()
+        stops = [tokenizer.eos_token_id, free[0][4], free[1][2]]
+        ours = lm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=stops, max_new_tokens=12)
+        theirs = hf_model.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=stops, max_new_tokens=12,
+                                   generation_mode="text")
+    assert torch.equal(ours, theirs)
+    ends = [next(i for i, t in enumerate(row) if t in stops) for row in free]
+    assert ends[0] != ends[1] and ours.shape[1] == max(ends) + 1
+    for row, end in zip(free, ends):
+        assert row[: end + 1] + [stops[0]] * (max(ends) - end) in ours.tolist()
+
+
+# --- the KV cache ----------------------------------------------------------------------------------
+
+def test_cache_select_keeps_rows_that_decode_as_before(tiny) -> None:
+    """Dropping or reordering rows of a filled cache: the kept rows go on exactly as in the batch."""
+    _, _, model = tiny
+    lm = model.language_model
+    embeds, mask = inputs(tiny, ["text", "short_text"])
+    B, T, _ = embeds.shape
+    cache = lm.model.new_cache(B, T + 4)
+    with torch.inference_mode():
+        ids = prefill(lm, embeds, mask, cache).argmax(-1)
+        position = mask.sum(-1, keepdim=True)
+        ids = decode_step(lm, ids, position, cache).argmax(-1)
+        position = position + 1
+        for rows in ([1, 0], [1], [0]):
+            kept = copy.deepcopy(cache)
+            kept.select(torch.tensor(rows))
+            assert kept.batch == len(rows) and kept.length == cache.length
+            want = decode_step(lm, ids, position, copy.deepcopy(cache))[rows]
+            got = decode_step(lm, ids[rows], position[rows], kept)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_open_ended_calls_grow_the_cache(tiny) -> None:
+    """A cache made by a call without one (DeepSeek-style loops) starts at max(T, 16) positions and
+    grows as tokens come, keeping every key, value and padding bit; a fixed cache refuses."""
+    _, _, model = tiny
+    lm = model.language_model
+    g = torch.Generator().manual_seed(0)
+    seq = lm.get_input_embeddings()(torch.randint(0, 600, (2, 3), generator=g))
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # a left-padded row: its pad must stay masked
+    with torch.inference_mode():
+        out = lm(inputs_embeds=seq, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        assert (cache.capacity, cache.growable) == (16, True)
+        for step in range(30):
+            nxt = lm.get_input_embeddings()(out.logits[:, -1].argmax(-1))[:, None]
+            seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            out = lm(inputs_embeds=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            full = lm(inputs_embeds=seq, attention_mask=mask).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], full, rtol=0, atol=2e-5)
+        assert cache.length == 33 and cache.capacity == 64  # grown twice: 16 -> 32 -> 64
+        fixed = lm.model.new_cache(2, 3)
+        lm(inputs_embeds=seq[:, :3], attention_mask=mask[:, :3], past_key_values=fixed)
+        with pytest.raises(ValueError, match=r"KV cache full: 3 \+ 1 tokens > capacity 3"):
+            lm(inputs_embeds=seq[:, 3:4], past_key_values=fixed)
+
+
+def test_prompts_up_to_the_context_limit(tiny, hf_model) -> None:
+    """A prompt that with max_new_tokens fills the whole context decodes as transformers does
+    (RoPE and the cache at the last positions); one token more is refused."""
+    _, _, model = tiny
+    limit = model.config.language_config.max_position_embeddings
+    ids = torch.randint(0, 600, (1, limit - 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.language_model.generate(input_ids=ids, eos_token_id=None, max_new_tokens=4)
+        theirs = hf_model.generate(input_ids=ids, eos_token_id=None, max_new_tokens=4, do_sample=False,
+                                   generation_mode="text")
+    assert ours.shape == (1, limit) and torch.equal(ours, theirs)
+    with pytest.raises(InputError, match=rf"{limit - 4} tokens \+ max_new_tokens 5 exceeds the model's context"):
+        model.language_model.generate(input_ids=ids, max_new_tokens=5)
+
+
 # --- sampling ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 50, 1.0), (1.3, 0, 0.9),
@@ -154,6 +280,37 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.75)))
     assert kept.tolist() == [[True, True, False, False]]
+
+
+def filtered_distribution(logits: list[float], temperature: float, top_k: int, top_p: float) -> dict[int, float]:
+    """The distribution sampling must follow, computed directly: softmax(logits / T) over the k
+    likeliest tokens, then the smallest head of them whose mass reaches top_p, renormalised."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])[: top_k or len(logits)]
+    weights = [math.exp(logits[i] / temperature) for i in order]
+    total, kept, mass = sum(weights), [], 0.0
+    for i, w in zip(order, weights):
+        if mass >= top_p:
+            break
+        kept.append((i, w))
+        mass += w / total
+    norm = sum(w for _, w in kept)
+    return {i: w / norm for i, w in kept}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 8, 0.6), (2.0, 0, 1.0)])
+def test_sampled_tokens_follow_the_filtered_distribution(temperature: float, top_k: int, top_p: float) -> None:
+    """40,000 draws from fixed logits: no token outside the allowed set, and each allowed token's
+    frequency within 4.5 standard deviations of its probability."""
+    logits = torch.randn(1, 60, generator=torch.Generator().manual_seed(1)) * 2
+    want = filtered_distribution(logits[0].tolist(), temperature, top_k, top_p)
+    assert 2 < len(want) < 60 or (top_k == 0 and top_p == 1.0)
+    draws = 40_000
+    ids = sample(logits.expand(draws, -1), SamplingParams(temperature, top_p, top_k),
+                 torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=60).tolist()
+    assert {i for i, c in enumerate(counts) if c} <= set(want)
+    for i, p in want.items():
+        assert abs(counts[i] / draws - p) < 4.5 * math.sqrt(p * (1 - p) / draws) + 1e-9, (i, counts[i], p)
 
 
 def test_sampling_is_reproducible_under_a_seed(tiny) -> None:

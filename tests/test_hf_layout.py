@@ -7,13 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers  # the oracle: a test dependency, so a missing one fails rather than skips
 
 from janusvl.config import VISION_MODELS, AlignerConfig, JanusConfig, VisionConfig
 from janusvl.errors import CheckpointError, ConfigError
 from janusvl.loading.hf_layout import to_transformers_state_dict, transformers_config_dict
 from janusvl.models.vq import VQModel
-
-transformers = pytest.importorskip("transformers")
 
 W, D, V, LAYERS = 1024, 64, 128, 2  # siglip_large width; tiny LLM
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_image
-from janusvl import MultiModalityCausalLM, VLChatProcessor
+from conftest import BF16_BOUND, assert_bf16_close, rel_error
+from janusvl import MultiModalityCausalLM
 from janusvl.models import layers
 
 
@@ -49,22 +49,26 @@ def test_layers_are_torch_layers_elsewhere() -> None:
     assert not layers.emulated(x)
 
 
-def test_emulated_bf16_model_tracks_fp32(tiny_dir, no_native_bf16) -> None:
-    """The whole pipeline in bf16 through the emulated paths stays within bf16 rounding of fp32."""
-    processor = VLChatProcessor.from_pretrained(tiny_dir)
-    conv = [{"role": "<|User|>", "content": "<image_placeholder>\nWhat is this?", "images": [make_image(64, 48)]},
-            {"role": "<|Assistant|>", "content": ""}]
-    inputs = processor(conversations=conv, images=[make_image(64, 48)])
+def test_emulated_bf16_model_tracks_fp32(tiny_dir, bf16_oracle, no_native_bf16) -> None:
+    """The pipeline in bf16 through the emulated paths (forced here, on every CPU) is as close to
+    fp32 as transformers' Janus in bf16 is; decoded pixels stay within bf16 rounding of fp32."""
+    inputs, hf = bf16_oracle
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = MultiModalityCausalLM.from_pretrained(tiny_dir, device="cpu", dtype=dtype)
         with torch.inference_mode():
-            embeds = model.prepare_inputs_embeds(**inputs.to("cpu", dtype=dtype))
+            embeds = model.prepare_inputs_embeds(**inputs)
             logits = model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask).logits[:, -1]
-            codes = torch.randint(0, model.config.gen_vision_config.image_token_size, (1, 576),
+            codes = torch.randint(0, model.config.gen_vision_config.image_token_size, (1, 36),
                                   generator=torch.Generator().manual_seed(0))
-            pixels = model.gen_vision_model.decode_code(codes, shape=[1, 8, 24, 24])
-        out[dtype] = [t.float() for t in (embeds, logits, pixels)]
-    for name, a, b in zip(("embeddings", "logits", "pixels"), out[torch.float32], out[torch.bfloat16]):
-        rel = ((a - b).norm() / a.norm()).item()
-        assert rel < 0.03, (name, rel)
+            pixels = model.gen_vision_model.decode_code(codes, shape=[1, 8, 6, 6])  # a 96 x 96 image
+        out[dtype] = (embeds, logits, pixels)
+    (embeds, logits, pixels), (fp32_embeds, _, fp32_pixels) = out[torch.bfloat16], out[torch.float32]
+    assert embeds.dtype == logits.dtype == pixels.dtype == torch.bfloat16
+    image = inputs.images_seq_mask
+    (hf_embeds, hf_logits), (hf32_embeds, hf32_logits) = hf[torch.bfloat16], hf[torch.float32]
+    assert_bf16_close(embeds[image], hf_embeds[image], hf32_embeds[image], BF16_BOUND)
+    assert_bf16_close(logits, hf_logits, hf32_logits, BF16_BOUND)
+    # ~40 conv/norm layers in bf16 put decoded pixels 3.0% from fp32, as transformers' bf16 VQ
+    # decoder is (tests/test_vq.py compares the two); a real error gives far more.
+    assert rel_error(pixels, fp32_pixels) < 0.04

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from janusvl import (CheckpointError, CheckpointNotFoundError, ConfigError, JanusConfig,
                      MultiModalityCausalLM, load_pretrained_model)
+from janusvl.loading.checkpoint import resolve_device
 from janusvl.testing.checkpoint import config_dict, save_weights, write_checkpoint
+from conftest import rel_error
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,15 @@ def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(bf16_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(bf16_dir / "model.safetensors"))
+
+
+def tied_checkpoint(src: Path, dst: Path) -> Path:
+    """`src` with tie_word_embeddings set and no lm_head key, as tied checkpoints are stored."""
+    ckpt = edited_checkpoint(src, dst, lambda s: s.pop("language_model.lm_head.weight"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["language_config"]["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
 
 
 def copy_without_weights(src: Path, dst: Path) -> Path:
@@ -48,13 +61,37 @@ def test_every_layout_loads_every_weight_exactly(bf16_dir, reference, tmp_path, 
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda: bool, mps: bool, want: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == resolve_device(None) == torch.device(want)
+
+
 def test_dtype_and_device_options(bf16_dir, reference) -> None:
     model = MultiModalityCausalLM.from_pretrained(bf16_dir, device="auto", dtype="float32")
-    assert model.dtype == torch.float32 and model.device.type == "cpu"  # no GPU here: auto is cpu
+    assert model.dtype == torch.float32 and model.device == resolve_device("auto")
+    model = MultiModalityCausalLM.from_pretrained(bf16_dir, device="cpu", dtype="float32")
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     assert torch.equal(model.state_dict()[key], reference[key].float())
     with pytest.raises(ValueError, match="float8"):
         MultiModalityCausalLM.from_pretrained(bf16_dir, dtype="float8")
+
+
+@pytest.mark.parametrize("dtype", ["float16", torch.float16])
+def test_float16_loading(bf16_dir, reference, dtype) -> None:
+    """Every floating weight is the checkpoint's, cast to float16; the decoder runs in it."""
+    model = MultiModalityCausalLM.from_pretrained(bf16_dir, device="cpu", dtype=dtype)
+    assert model.dtype == torch.float16
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key].to(torch.float16)), key
+    fp32 = MultiModalityCausalLM.from_pretrained(bf16_dir, device="cpu", dtype="float32")
+    ids = torch.randint(0, 600, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        half = model.language_model(input_ids=ids).logits
+        full = fp32.language_model(input_ids=ids).logits
+    assert half.dtype == torch.float16
+    assert rel_error(half, full) < 0.005  # float16 rounding (10-bit mantissa): 0.14% here
 
 
 def test_load_pretrained_model_returns_deepseeks_triple(bf16_dir) -> None:
@@ -94,13 +131,37 @@ def test_shape_mismatch_is_named(bf16_dir, tmp_path) -> None:
         MultiModalityCausalLM.from_pretrained(ckpt, device="cpu")
 
 
-def test_unused_groups_are_required_by_name_only(bf16_dir, tmp_path) -> None:
-    """attn_pool.* and codebook_used may be present (as published) or absent; nothing else may."""
+def test_unused_groups_are_required_by_name_only(bf16_dir, reference, tmp_path) -> None:
+    """attn_pool.* and codebook_used may be present (as published) or absent; nothing else may,
+    not even a key that merely looks like them."""
     def drop(s):
         for k in [k for k in s if "attn_pool" in k or k.endswith("codebook_used")]:
             s.pop(k)
     ckpt = edited_checkpoint(bf16_dir, tmp_path / "c", drop)
-    MultiModalityCausalLM.from_pretrained(ckpt, device="cpu")
+    state = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu").state_dict()
+    assert state.keys() == {k for k in reference if "attn_pool" not in k and "codebook_used" not in k}
+    assert all(torch.equal(v, reference[k]) for k, v in state.items())
+    for lookalike in ("vision_model.vision_tower.attn_pooling.latent", "gen_vision_model.quantize.codebook_used2",
+                      "vision_model.attn_pool.latent"):
+        bad = edited_checkpoint(bf16_dir, tmp_path / lookalike, lambda s: s.update({lookalike: torch.zeros(2)}))
+        with pytest.raises(CheckpointError, match=rf"unexpected key '{re.escape(lookalike)}'"):
+            MultiModalityCausalLM.from_pretrained(bad, device="cpu")
+
+
+def test_tied_embeddings_load_as_one_tensor(bf16_dir, reference, tmp_path) -> None:
+    """tie_word_embeddings: no lm_head key is stored; the head is the embedding itself, and the
+    model computes what an untied checkpoint with lm_head = embeddings computes."""
+    tied = tied_checkpoint(bf16_dir, tmp_path / "tied")
+    untied = edited_checkpoint(bf16_dir, tmp_path / "untied", lambda s: s.update(
+        {"language_model.lm_head.weight": s["language_model.model.embed_tokens.weight"].clone()}))
+    a = MultiModalityCausalLM.from_pretrained(tied, device="cpu", dtype="float32")
+    b = MultiModalityCausalLM.from_pretrained(untied, device="cpu", dtype="float32")
+    lm = a.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert torch.equal(lm.lm_head.weight, reference["language_model.model.embed_tokens.weight"].float())
+    ids = torch.randint(0, 600, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(lm(input_ids=ids).logits, b.language_model(input_ids=ids).logits)
 
 
 def test_index_naming_a_missing_shard(bf16_dir, reference, tmp_path) -> None:
@@ -159,13 +220,18 @@ def test_pro_7b_config_takes_llama_defaults() -> None:
 
 
 def test_select_layer_semantics() -> None:
+    """DeepSeek's tower keeps min(L, L + select_layer + 1) blocks for select_layer <= 0 and
+    min(L, select_layer) above; a selection below the first layer cannot be built."""
     data = config_dict("pro-1b", vocab_size=102400)
     blocks = {}
-    for sel in (-1, -2, 0, 5, 30, -30):
+    for sel in (-1, -2, 0, 1, 5, 24, 30, -24, -25):
         data["vision_config"]["params"]["select_layer"] = sel
         blocks[sel] = JanusConfig.from_dict(data).vision_config.num_blocks
-    assert blocks == {-1: 24, -2: 23, 0: 24, 5: 5, 30: 24, -30: -5} or blocks[-30] <= 0
-    assert (blocks[-1], blocks[-2], blocks[0], blocks[5], blocks[30]) == (24, 23, 24, 5, 24)
+    assert blocks == {-1: 24, -2: 23, 0: 24, 1: 1, 5: 5, 24: 24, 30: 24, -24: 1, -25: 0}
+    for sel in (-26, -30):
+        data["vision_config"]["params"]["select_layer"] = sel
+        with pytest.raises(ConfigError, match=rf"select_layer {sel} selects no layer.*>= -25"):
+            JanusConfig.from_dict(data)
 
 
 def test_config_is_frozen() -> None:
@@ -174,14 +240,14 @@ def test_config_is_frozen() -> None:
         cfg.language_config.hidden_size = 3  # type: ignore[misc]
 
 
-def make_hub_cache(src: Path, cache: Path, repo_id: str) -> Path:
-    """Lay `src` out as huggingface_hub's cache does for `repo_id` at revision main."""
+def make_hub_cache(src: Path, cache: Path, repo_id: str, revision: str = "main", commit: str = "0" * 40) -> Path:
+    """Lay `src` out as huggingface_hub's cache does for `repo_id` at `revision` (a branch or tag
+    naming `commit`); call again with other revisions to add them."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
     snap = repo / "snapshots" / commit
     shutil.copytree(src, snap)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
     return snap
 
 

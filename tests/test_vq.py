@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # the oracle: a test dependency, so a missing one fails rather than skips
 
+from conftest import rel_error
 from janusvl.config import GenHeadConfig, GenVisionConfig, JanusConfig
 from janusvl.loading.hf_layout import to_transformers_state_dict, transformers_config_dict
 from janusvl.models.vq import VQModel, pixels_to_pil
-
-transformers = pytest.importorskip("transformers")
 
 # GroupNorm(32) needs every width divisible by 32; five levels keep the real 16x downsampling.
 SMALL = GenVisionConfig(image_token_size=512, n_embed=8, base_channels=32,
@@ -159,23 +159,31 @@ def test_encoder_and_codes_match_transformers(models: tuple[VQModel, torch.nn.Mo
     assert codes.unique().numel() > 10
 
 
-def test_bf16_decodes_in_bf16(models: tuple[VQModel, torch.nn.Module]) -> None:
+def test_bf16_decodes_in_bf16_as_transformers_does(models: tuple[VQModel, torch.nn.Module]) -> None:
+    """bf16 weights decode in bf16, as close to fp32 as transformers' JanusVQVAE in bf16 is. On a
+    6 x 6 grid: transformers' bf16 convolutions take ~2 minutes at 24 x 24 on CPUs without bf16."""
     ours, _ = models
+    grid = 6
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
-    codes = torch.randint(0, SMALL.image_token_size, (1, GRID * GRID), generator=torch.Generator().manual_seed(4))
-    shape = [1, SMALL.n_embed, GRID, GRID]
-    out = bf16.decode_code(codes, shape)
-    ref = ours.decode_code(codes, shape)
-    assert out.dtype == torch.bfloat16
-    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    err = (out.float() - ref).abs()
-    # bf16 rounding through ~40 random blocks: mean error ~3% and max ~2.5% of the scales here.
-    assert err.mean() < 0.05 * ref.abs().mean() and err.max() < 0.1 * ref.abs().max()
+    hf = hf_vqvae(ours.state_dict(), grid)
+    codes = torch.randint(0, SMALL.image_token_size, (1, grid * grid), generator=torch.Generator().manual_seed(4))
+    shape = [1, SMALL.n_embed, grid, grid]
+    with torch.no_grad():
+        ref = hf.decode(codes)
+        out = bf16.decode_code(codes, shape)
+        theirs = hf.to(torch.bfloat16).decode(codes)
+    assert out.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert close(ours.decode_code(codes, shape), ref, TOL[torch.float32])
+    # bf16 rounding through ~40 random conv and norm layers: 3.1% from fp32 here, on both sides
+    err, hf_err = rel_error(out, ref), rel_error(theirs, ref)
+    assert err < 0.04 and rel_error(out, theirs) < 0.04 and err <= 1.25 * hf_err, (err, hf_err)
     pixels = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
-        assert bf16.encoder(pixels.to(torch.bfloat16)).dtype == torch.bfloat16
+        h = bf16.encoder(pixels.to(torch.bfloat16))
+        assert h.dtype == torch.bfloat16
+        assert rel_error(h, ours.encoder(pixels)) < 0.025  # 1.6% here, 1.6% for transformers' bf16
     agree = (bf16.encode(pixels) == ours.encode(pixels)).float().mean()
-    assert agree > 0.8  # near-ties may flip in bf16; ~94% agree here
+    assert agree > 0.9  # only near-ties flip in bf16: 62 of the 64 codes agree here
 
 
 def test_pixels_to_pil_matches_deepseek_conversion() -> None:

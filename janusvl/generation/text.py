@@ -123,22 +123,28 @@ def generate(
     generator: torch.Generator | None = None,
     **unused: object,
 ) -> torch.Tensor:
-    """DeepSeek's `language_model.generate(...)`: the new ids [B, n], rows padded with
-    `pad_token_id` after their EOS. Sampling defaults follow transformers' generate
-    (`do_sample=False` is greedy; with sampling, top_k 50 unless given). Decoding always uses
-    the KV cache; `use_cache` and `bos_token_id` are accepted for DeepSeek's call."""
+    """DeepSeek's `language_model.generate(...)`, with transformers' conventions: given
+    `inputs_embeds`, the new ids [B, n]; given `input_ids`, those ids followed by the new ones.
+    Rows are padded with `pad_token_id` (default: the first EOS id) after their EOS. Without an
+    `attention_mask`, `input_ids` equal to the pad id are masked out (unless pad is an EOS id).
+    Sampling defaults follow transformers' generate (`do_sample=False` is greedy; with sampling,
+    top_k 50 unless given). Decoding always uses the KV cache; `use_cache` and `bos_token_id`
+    are accepted for DeepSeek's call."""
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if inputs_embeds is None:
         if input_ids is None:
             raise InputError("generate needs inputs_embeds (or input_ids)")
+        if attention_mask is None and pad_token_id is not None and pad not in eos:
+            attention_mask = (input_ids != pad).long()
         inputs_embeds = lm.get_input_embeddings()(input_ids)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or 0) if do_sample \
         else SamplingParams()
-    pad = pad_token_id if pad_token_id is not None else (
-        eos_token_id if isinstance(eos_token_id, int) else 0)
     columns: list[torch.Tensor] = []
     done = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for ids, finished in generate_tokens(lm, inputs_embeds, attention_mask, max_new_tokens,
                                          eos_token_id, params, min_new_tokens, seed, generator):
         columns.append(torch.where(done, torch.full_like(ids, pad), ids))
         done = finished
-    return torch.stack(columns, dim=1)
+    new = torch.stack(columns, dim=1)
+    return new if input_ids is None else torch.cat([input_ids.to(new.device), new], dim=1)

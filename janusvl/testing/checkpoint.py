@@ -24,25 +24,27 @@ def _section(cls: str, **params: object) -> dict[str, object]:
     return {"cls": cls, "model_type": cls.lower(), "params": params}
 
 
-def config_dict(size: str, vocab_size: int, dtype: str = "bfloat16") -> dict[str, object]:
-    """A DeepSeek-format config.json for `size` in {"tiny", "pro-1b", "pro-7b"}."""
+def config_dict(size: str, vocab_size: int, dtype: str = "bfloat16", image_size: int = 384,
+                language: dict[str, object] | None = None) -> dict[str, object]:
+    """A DeepSeek-format config.json for `size` in {"tiny", "pro-1b", "pro-7b"}; `image_size`
+    sets the image grid (both towers), `language` overrides language_config keys."""
     if size == "tiny":
         D = 64
-        language = {"hidden_size": D, "intermediate_size": 160, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 4,
-                    "vocab_size": vocab_size, "max_position_embeddings": 4096}
+        base_language = {"hidden_size": D, "intermediate_size": 160, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "vocab_size": vocab_size, "max_position_embeddings": 4096}
         # Two real SigLIP-L blocks (select_layer=2) and a narrow VQ decoder keep it small.
         vision = {"select_layer": 2}
         gen_vision = {"base_channels": 32, "z_channels": 64}
     elif size == "pro-1b":
         D = 2048
-        language = {"hidden_size": D, "intermediate_size": 5632, "num_hidden_layers": 24,
-                    "num_attention_heads": 16, "num_key_value_heads": 16,
-                    "vocab_size": 102400, "max_position_embeddings": 16384}
+        base_language = {"hidden_size": D, "intermediate_size": 5632, "num_hidden_layers": 24,
+                         "num_attention_heads": 16, "num_key_value_heads": 16,
+                         "vocab_size": 102400, "max_position_embeddings": 16384}
         vision, gen_vision = {"select_layer": -1}, {}
     elif size == "pro-7b":  # as published: the LLaMA defaults fill in the rest
         D = 4096
-        language = {"num_hidden_layers": 30, "vocab_size": 102400, "max_position_embeddings": 16384}
+        base_language = {"num_hidden_layers": 30, "vocab_size": 102400, "max_position_embeddings": 16384}
         vision, gen_vision = {"select_layer": -1}, {}
     else:
         raise ValueError(f"unknown checkpoint size {size!r}; use tiny, pro-1b or pro-7b")
@@ -50,14 +52,15 @@ def config_dict(size: str, vocab_size: int, dtype: str = "bfloat16") -> dict[str
         "model_type": "multi_modality",
         "torch_dtype": dtype,
         "vision_config": _section("CLIPVisionTower", model_name="siglip_large_patch16_384",
-                                  image_size=384, select_feature="same", **vision),
+                                  image_size=image_size, select_feature="same", **vision),
         "aligner_config": _section("MlpProjector", projector_type="mlp_gelu", depth=2,
                                    input_dim=1024, n_embed=D),
         "gen_vision_config": _section("VQ-16", image_token_size=16384, n_embed=8, **gen_vision),
         "gen_aligner_config": _section("MlpProjector", projector_type="mlp_gelu", depth=2,
                                        input_dim=8, n_embed=D),
         "gen_head_config": _section("vision_head", image_token_embed=D, image_token_size=16384, n_embed=D),
-        "language_config": {"model_type": "llama", "torch_dtype": dtype, **language},
+        "language_config": {"model_type": "llama", "torch_dtype": dtype, **base_language,
+                            **(language or {})},
     }
 
 
@@ -158,15 +161,19 @@ def write_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     roles: str = "pro",
+    image_size: int = 384,
+    language: dict[str, object] | None = None,
 ) -> Path:
-    """Write a random Janus checkpoint directory at `dst` and return its path."""
+    """Write a random Janus checkpoint directory at `dst` and return its path. `image_size` and
+    `language` are passed to `config_dict` (a smaller image grid; language_config overrides)."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(dst, roles=roles)
     dtype_name = str(dtype).removeprefix("torch.")
-    data = config_dict(size, vocab_size=int(math.ceil(vocab / 64) * 64), dtype=dtype_name)
+    data = config_dict(size, vocab_size=int(math.ceil(vocab / 64) * 64), dtype=dtype_name,
+                       image_size=image_size, language=language)
     (dst / "config.json").write_text(json.dumps(data, indent=2))
-    write_processor_configs(dst)
+    write_processor_configs(dst, image_size)
     config = JanusConfig.from_dict(data)
     save_weights(random_state_dict(config, dtype, seed), dst, layout)
     return dst

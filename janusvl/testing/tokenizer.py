@@ -107,13 +107,14 @@ def write_tokenizer(dst: Path, roles: str = "pro") -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def write_processor_configs(dst: Path) -> None:
-    """preprocessor_config.json and processor_config.json with the released Janus values."""
+def write_processor_configs(dst: Path, image_size: int = 384) -> None:
+    """preprocessor_config.json and processor_config.json with the released Janus values (for
+    another `image_size`, the image token count of a 16-pixel patch grid)."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     _write_json(dst / "preprocessor_config.json", {
         "image_processor_type": "VLMImageProcessor",
-        "image_size": 384,
+        "image_size": image_size,
         "min_size": 14,
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
@@ -123,7 +124,7 @@ def write_processor_configs(dst: Path) -> None:
     })
     _write_json(dst / "processor_config.json", {
         "image_tag": "<image_placeholder>",
-        "num_image_tokens": 576,
+        "num_image_tokens": (image_size // 16) ** 2,
         "add_special_token": False,
         "sft_format": "deepseek",
         "mask_prompt": True,
