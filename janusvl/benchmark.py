@@ -1,13 +1,15 @@
 """Speed and memory of janusvl beside transformers' Janus, with this machine's bounds.
 
 Each engine runs in its own subprocess (so load time and peak RSS are its own), on the same
-checkpoint, image and prompt. The parent measures the machine's memory read bandwidth and bf16
-GEMM rate and prints every figure beside its bound. `janusvl bench` and benchmarks/bench.py call
+checkpoint, image and prompt, each in the dtype its users would choose on this CPU class
+(`engine_dtypes`). The parent measures the machine's memory read bandwidth and GEMM rate and
+prints every figure beside its bound. `janusvl bench` and benchmarks/bench.py call
 `main`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -40,6 +42,10 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def test_image() -> Any:
     from PIL import Image
     import numpy as np
@@ -55,7 +61,7 @@ def test_image() -> Any:
 def machine_bounds(threads: int) -> dict[str, Any]:
     """Memory read bandwidth (GB/s, a streaming reduction over 1 GiB) and GEMM rate (GFLOP/s) in
     bf16, or in fp32 on CPUs without native bf16 (where bf16 GEMMs are emulated, ~500x slower)."""
-    from .models.layers import native_bf16
+    from .models import layers
 
     torch.set_num_threads(threads)
     buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, far beyond any cache
@@ -63,13 +69,27 @@ def machine_bounds(threads: int) -> dict[str, Any]:
     best = min(_timed(buf.sum) for _ in range(3))
     bandwidth = buf.numel() * 4 / best / 1e9
     del buf
-    dtype = torch.bfloat16 if native_bf16() else torch.float32
+    native = layers.native_bf16()
+    dtype = torch.bfloat16 if native else torch.float32
     a = torch.randn(2048, 2048).to(dtype)
-    b = torch.randn(2048, 4096).to(dtype)
-    a @ b
-    gemm = min(_timed(lambda: a @ b) for _ in range(3))
-    return {"bandwidth_gbs": bandwidth, "gemm_gflops": 2 * 2048 * 2048 * 4096 / gemm / 1e9,
-            "gemm_dtype": str(dtype).removeprefix("torch.")}
+    a @ a
+    gemm = min(_timed(lambda: a @ a) for _ in range(3))
+    return {"bandwidth_gbs": bandwidth, "gemm_gflops": 2 * 2048 ** 3 / gemm / 1e9,
+            "gemm_dtype": _dtype_name(dtype), "native_bf16": native}
+
+
+def engine_dtypes() -> dict[str, str]:
+    """The dtype each engine runs in: the one its users would choose on this CPU.
+
+    With native bf16 (oneDNN's bf16 kernels; ONEDNN_MAX_CPU_ISA=AVX2 turns them off) both run the
+    checkpoint's bf16. Without it, torch computes bf16 GEMMs and convolutions in scalar loops
+    (~500x slower), so transformers' Janus runs in float32; janusvl keeps bf16, whose layers
+    compute those calls in fp32 (models/layers.py) and which measured faster than its float32
+    there (README, Performance).
+    """
+    from .models import layers
+
+    return {"janusvl": "bfloat16", "transformers": "bfloat16" if layers.native_bf16() else "float32"}
 
 
 def _timed(fn: Any) -> float:
@@ -104,7 +124,7 @@ def _inputs(processor: Any, batch: int) -> Any:
     image = test_image()
     conv = [{"role": _user_role(processor), "content": "<image_placeholder>\n" + QUESTION, "images": [image]},
             {"role": _assistant_role(processor), "content": ""}]
-    return processor.batchify([processor.process_one(conversations=conv, images=[image]) for _ in range(batch)])
+    return processor.batchify([processor.process_one(conversations=conv, images=[image])] * batch)
 
 
 def _user_role(processor: Any) -> str:
@@ -125,7 +145,7 @@ def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
     from .processing import VLChatProcessor
 
     t = _now()
-    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="bfloat16")
+    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype=opts["dtype"])
     processor = VLChatProcessor.from_pretrained(ckpt)
     optimize(model.language_model, opts.get("quantize"))
     return model, processor, _now() - t
@@ -138,33 +158,33 @@ def run_load(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from .generation.image import generate_images
+    from .generation.image import decode_image_tokens, generate_images, image_grid
     from .generation.text import generate_tokens
 
     out: dict[str, Any] = {}
     model, processor, out["load_s"] = _load_janusvl(ckpt, opts)
+    out["dtype"] = _dtype_name(model.dtype)
     t = _now()
     inputs = _inputs(processor, 1)
     out["preprocess_ms"] = (_now() - t) * 1e3
     with torch.inference_mode():
         model.prepare_inputs_embeds(**inputs)  # warm-up: first touches of the weights
         t = _now()
-        embeds = model.prepare_inputs_embeds(**inputs)
+        model.prepare_inputs_embeds(**inputs)
         out["vision_s"] = _now() - t
         out["prompt_tokens"] = int(inputs.input_ids.shape[1])
-        del embeds
-        for batch in (1, 8):
-            b = inputs if batch == 1 else _inputs(processor, batch)
-            t = _now()  # time to first token: vision encode, fusion, prefill, first sample
-            e = model.prepare_inputs_embeds(**b)
-            stamps = [_now() for _ in generate_tokens(model.language_model, e, b.attention_mask,
+        t = _now()  # time to first token: vision encode, fusion, prefill, first sample
+        e = model.prepare_inputs_embeds(**inputs)
+        for batch in (1, 8):  # batch 8 repeats the prompt: only its decode is timed, so one image encode
+            stamps = [_now() for _ in generate_tokens(model.language_model, e.expand(batch, -1, -1),
+                                                     inputs.attention_mask.expand(batch, -1),
                                                      opts["new_tokens"] + 1, None)]
             if batch == 1:
                 out["ttft_s"] = stamps[0] - t
             out[f"decode_tps_b{batch}"] = batch * opts["new_tokens"] / (stamps[-1] - stamps[0])
         if opts["image_batches"]:  # warm-up: first touches of the generation head and VQ decoder
             model.gen_head(e[:1, -1])
-            model.gen_vision_model.decode_code(torch.zeros(1, 576, dtype=torch.long), shape=[1, 8, 24, 24])
+            decode_image_tokens(model, torch.zeros(1, image_grid(model) ** 2, dtype=torch.long))
         for n in opts["image_batches"]:
             t = _now()
             generate_images(model, processor, IMAGE_PROMPT, n=n, seed=0)
@@ -190,17 +210,18 @@ def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from .processing import VLChatProcessor
 
     out: dict[str, Any] = {}
-    hf_dir = Path(opts["hf_dir"])
+    hf_dir, dtype = Path(opts["hf_dir"]), getattr(torch, opts["dtype"])
     t = _now()
-    model = JanusForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    model = JanusForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
     out["load_s"] = _now() - t
+    out["dtype"] = _dtype_name(model.dtype)
     processor = VLChatProcessor.from_pretrained(ckpt)  # same ids and pixels for both engines
     inputs = _inputs(processor, 1)
     tok = processor.tokenizer
     common = dict(generation_mode="text", do_sample=False, pad_token_id=tok.eos_token_id,
                   eos_token_id=None, bos_token_id=tok.bos_token_id)
     with torch.inference_mode():
-        pix = inputs.pixel_values[0].to(torch.bfloat16)
+        pix = inputs.pixel_values[0].to(dtype)
         model.model.get_image_features(pix)
         t = _now()
         model.model.get_image_features(pix)
@@ -210,7 +231,7 @@ def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
             stamps = _StepClock()
             t = _now()
             model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                           pixel_values=b.pixel_values[:, 0].to(torch.bfloat16), **common,
+                           pixel_values=b.pixel_values[:, 0].to(dtype), **common,
                            max_new_tokens=opts["new_tokens"] + 1, min_new_tokens=opts["new_tokens"] + 1,
                            stopping_criteria=StoppingCriteriaList([stamps]))
             if batch == 1:
@@ -222,7 +243,8 @@ def run_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
 
         ids = torch.tensor([tok.encode(image_prompt(processor, IMAGE_PROMPT))])
         if opts["image_batches"]:
-            model.model.vqmodel.decode(torch.zeros(1, 576, dtype=torch.long))  # warm-up, as for janusvl
+            codes = torch.zeros(1, model.config.vision_config.num_image_tokens, dtype=torch.long)
+            model.model.vqmodel.decode(codes)  # warm-up, as for janusvl
         for n in opts["image_batches"]:
             config = GenerationConfig(
                 do_sample=True, guidance_scale=5.0, num_return_sequences=n, bos_token_id=tok.bos_token_id,
@@ -287,7 +309,8 @@ def bounds_for(results: dict[str, Any], costs: dict[str, float], machine: dict[s
 
 def format_table(report: dict[str, Any]) -> str:
     ours, theirs, bounds = report["janusvl"], report.get("transformers") or {}, report["bounds"]
-    lines = [f"{'figure':32} {'janusvl':>12} {'transformers':>13} {'ratio':>7} {'bound':>10} {'of bound':>9}"]
+    lines = [f"{'figure':32} {'janusvl':>12} {'transformers':>13} {'ratio':>7} {'bound':>10} {'of bound':>9}",
+             f"{'dtype':32} {ours.get('dtype', '-'):>12} {theirs.get('dtype', '-'):>13}"]
     for key, label, unit, higher in ROWS:
         a, b, bound = ours.get(key), theirs.get(key), bounds.get(key)
         if a is None:
@@ -301,7 +324,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{label + ' (' + unit + ')':32} {a:12.3f} {b if isinstance(b, str) else (f'{b:.3f}' if b is not None else '-'):>13} "
                      f"{ratio:>7} {(f'{bound:.3f}' if bound else ''):>10} {frac:>9}")
     m = report["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
+    cpu_class = "native bf16" if m["native_bf16"] else "no native bf16 (bf16 GEMMs emulated)"
+    lines.append(f"machine: {m['cpu']}, {cpu_class}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
                  f"{m['gemm_dtype']} GEMM {m['gemm_gflops']:.0f} GFLOP/s; torch {m['torch']}")
     lines.append("ratio: how many times faster (or smaller) janusvl is; of bound: janusvl's figure as a share of the "
                  "machine's limit")
@@ -348,33 +372,32 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
     if quantize == "int8":  # one byte per decoder weight: the decode bound doubles
         costs["bytes_per_token"] /= 2
     report: dict[str, Any] = {"checkpoint": str(ckpt), "machine": machine, "options": opts}
-    print("running janusvl ...", file=sys.stderr)
-    report["janusvl"] = _spawn("janusvl", ckpt, opts)
+    dtypes = engine_dtypes()
+    print(f"running janusvl ({dtypes['janusvl']}) ...", file=sys.stderr)
+    report["janusvl"] = _spawn("janusvl", ckpt, {**opts, "dtype": dtypes["janusvl"]})
     if "error" in report["janusvl"]:
         raise RuntimeError(f"janusvl benchmark failed: {report['janusvl']['error']}")
     if model is None:  # the .bin release layout too: its load is the slow one
-        loaded = _spawn("load", default_checkpoint("bin"), opts)
+        loaded = _spawn("load", default_checkpoint("bin"), {**opts, "dtype": dtypes["janusvl"]})
         if "error" in loaded:
             raise RuntimeError(f"janusvl benchmark failed loading pytorch_model.bin: {loaded['error']}")
         report["janusvl"]["load_bin_s"] = loaded["load_s"]
         report["janusvl"]["peak_rss_bin_gb"] = loaded["peak_rss_gb"]
     if transformers:
-        report["transformers"] = _with_transformers(ckpt, opts)
+        report["transformers"] = _with_transformers(ckpt, {**opts, "dtype": dtypes["transformers"]})
     report["bounds"] = bounds_for(report["janusvl"], costs, machine)
     return report
 
 
 def _with_transformers(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:  # importing it here would cost seconds
         return {"error": "transformers is not installed (pip install 'janusvl[hf]')"}
     from .loading.convert import convert_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="janusvl-bench-hf-") as tmp:
         print("writing the checkpoint in transformers' layout ...", file=sys.stderr)
         hf_dir = convert_checkpoint(ckpt, Path(tmp) / "hf", to="hf")
-        print("running transformers ...", file=sys.stderr)
+        print(f"running transformers ({opts['dtype']}) ...", file=sys.stderr)
         return _spawn("transformers", ckpt, {**opts, "hf_dir": str(hf_dir)})
 
 
