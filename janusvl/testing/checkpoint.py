@@ -158,12 +158,14 @@ def write_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     roles: str = "pro",
+    config_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a random Janus checkpoint directory at `dst` and return its path."""
+    """Write a random Janus checkpoint directory at `dst` and return its path. config.json's
+    `torch_dtype` names `config_dtype` when given (it may differ from the weights'), else `dtype`."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(dst, roles=roles)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = str(config_dtype or dtype).removeprefix("torch.")
     data = config_dict(size, vocab_size=int(math.ceil(vocab / 64) * 64), dtype=dtype_name)
     (dst / "config.json").write_text(json.dumps(data, indent=2))
     write_processor_configs(dst)
