@@ -1,7 +1,8 @@
 """janusvl: run DeepSeek's Janus models (Janus-1.3B, Janus-Pro-1B, Janus-Pro-7B).
 
 DeepSeek's API is kept, so their scripts run after changing only the imports:
-`load_pretrained_model`, `VLChatProcessor`, `MultiModalityCausalLM`, `load_pil_images`.
+`load_pretrained_model`, `VLChatProcessor`, `MultiModalityCausalLM`, `load_pil_images`, and
+transformers' `AutoModelForCausalLM` and `AutoConfig` as DeepSeek's scripts call them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .auto import AutoConfig, AutoModelForCausalLM
 from .config import JanusConfig
 from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, ImageLoadError,
                      InputError, JanusError)
@@ -25,13 +27,14 @@ def load_pretrained_model(
     dtype: str | torch.dtype | None = None,
 ) -> tuple[JanusTokenizer, VLChatProcessor, MultiModalityCausalLM]:
     """DeepSeek's loader: `(tokenizer, vl_chat_processor, vl_gpt)` from a directory or Hub id.
-    `device` None picks cuda, then mps, then cpu; `dtype` None keeps the checkpoint's dtype."""
+    `device` None picks cuda, then mps, then cpu; `dtype` None is bfloat16, as DeepSeek's loader
+    casts the model to (`vl_gpt.to(torch.bfloat16).cuda()`), "auto" the checkpoint's dtype."""
     from .loading.checkpoint import load_model
     from .loading.hub import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
     processor = VLChatProcessor.from_pretrained(root)
-    model = load_model(root, device=device, dtype=dtype)
+    model = load_model(root, device=device, dtype=torch.bfloat16 if dtype is None else dtype)
     return processor.tokenizer, processor, model
 
 
@@ -44,6 +47,6 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'janusvl' has no attribute {name!r}")
 
 
-__all__ = ["Janus", "JanusConfig", "MultiModalityCausalLM", "VLChatProcessor", "JanusTokenizer",
+__all__ = ["Janus", "AutoConfig", "AutoModelForCausalLM", "JanusConfig", "MultiModalityCausalLM", "VLChatProcessor", "JanusTokenizer",
            "load_pretrained_model", "load_pil_images", "JanusError", "ConfigError",
            "CheckpointError", "CheckpointNotFoundError", "ImageLoadError", "InputError"]

@@ -31,6 +31,11 @@ VISION_MODELS: dict[str, VisionSpec] = {
 }
 
 
+# transformers' names for how attention is computed. janusvl computes all three with torch's
+# scaled_dot_product_attention: the same softmax(q k^T / sqrt(d)) v, differing only in rounding order.
+ATTN_IMPLEMENTATIONS = {"eager", "sdpa", "flash_attention_2"}
+
+
 def _expect(section: str, key: str, value: Any, allowed: set[str]) -> None:
     if value not in allowed:
         raise ConfigError(
@@ -237,6 +242,8 @@ def _language(raw: dict[str, Any]) -> LanguageConfig:
     if not raw.get("num_key_value_heads"):
         cfg = LanguageConfig(**{**cfg.__dict__, "num_key_value_heads": cfg.num_attention_heads})
     _expect("language_config", "hidden_act", cfg.hidden_act, {"silu"})
+    if raw.get("_attn_implementation") is not None:
+        _expect("language_config", "_attn_implementation", raw["_attn_implementation"], ATTN_IMPLEMENTATIONS)
     scaling = raw.get("rope_scaling")
     if scaling not in (None, {}) and (scaling or {}).get("rope_type", scaling.get("type")) != "default":
         raise ConfigError(f"config.json: language_config.rope_scaling {scaling!r} is not supported")

@@ -50,7 +50,7 @@ def test_every_layout_loads_every_weight_exactly(bf16_dir, reference, tmp_path, 
     ckpt = copy_without_weights(bf16_dir, tmp_path / layout)
     files = save_weights(reference, ckpt, layout, shards=3)
     assert len(files) == (3 if layout.startswith("sharded") else 1)
-    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu")
+    model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="auto")
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     state = model.state_dict()
     used = {k: v for k, v in reference.items() if "attn_pool" not in k and "codebook_used" not in k}

@@ -210,12 +210,14 @@ def load_model(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
-    **_: object,
+    config: JanusConfig | None = None,
 ) -> "MultiModalityCausalLM":  # noqa: F821
+    """The model in `model_path`, built from its config.json or from `config` (an edited copy)."""
     from ..models.janus import MultiModalityCausalLM
 
     root = resolve_checkpoint(model_path, revision)
-    config = JanusConfig.from_file(root / "config.json")
+    if config is None:
+        config = JanusConfig.from_file(root / "config.json")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, stored_dtype(root) if dtype in (None, "auto") else torch.float32)
     with torch.device("meta"):

@@ -34,13 +34,16 @@ class MultiModalityCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | Path, device: str | torch.device | None = "auto",
-        dtype: str | torch.dtype | None = "auto", **kwargs: object,
+        cls, model_path: str | Path, device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None, **kwargs: object,
     ) -> MultiModalityCausalLM:
-        """Load a DeepSeek-layout checkpoint (local directory or Hub id); see `janusvl.loading`."""
-        from ..loading.checkpoint import load_model
+        """Load a DeepSeek-layout checkpoint (local directory or Hub id) as DeepSeek's code does:
+        float32 on the CPU unless `dtype` / `device` say otherwise (dtype "auto" keeps the
+        checkpoint's own). transformers' argument names are accepted too; see `janusvl.auto`."""
+        from ..auto import deepseek_from_pretrained
 
-        return load_model(model_path, device=device, dtype=dtype, **kwargs)
+        return deepseek_from_pretrained("MultiModalityCausalLM.from_pretrained", model_path,
+                                        device=device, dtype=dtype, **kwargs)
 
     @property
     def device(self) -> torch.device:

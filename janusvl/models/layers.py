@@ -1,14 +1,15 @@
-"""Drop-in layers that keep bf16 models usable on CPUs without native bf16 arithmetic.
+"""Drop-in layers that keep bf16 and fp16 models usable on CPUs without native arithmetic for them.
 
 On x86 CPUs without AVX-512 BF16 (AVX2-only machines, older Xeons), PyTorch has no fast bf16
 matrix kernel: a bf16 GEMM or convolution falls back to scalar loops that run hundreds of times
 slower than fp32 (measured on an AVX2 Zen 3: a 2048x4096x2048 bf16 GEMM 122 s, fp32 0.21 s; a
-128-channel 384x384 bf16 convolution 152 s, fp32 0.36 s). There, the compute-bound calls
-(many rows, convolutions, attention over many queries) convert their operands to fp32, compute,
-and round the result back to bf16, one layer at a time: the weights stay bf16 in memory and the
-result is the bf16 rounding of what a native kernel accumulates in fp32. Decode-sized products
-(a few rows) keep the bf16 path, which is memory bound and reads half the bytes. On every other
-CPU and device these layers are exactly torch's.
+128-channel 384x384 bf16 convolution 152 s, fp32 0.36 s). fp16 is the same without AVX-512 FP16
+or AMX-FP16 (a 128-channel 96x96 fp16 convolution 10 s, fp32 0.14 s). There, the compute-bound
+calls (many rows, convolutions, attention over many queries) convert their operands to fp32,
+compute, and round the result back to the half type, one layer at a time: the weights stay half
+precision in memory and the result is the rounding of what a native kernel accumulates in fp32.
+Decode-sized products (a few rows) keep the half-precision path, which is memory bound and reads
+half the bytes. On every other CPU and device these layers are exactly torch's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Products with at most this many rows are memory bound: bf16 is fine there without native support.
+# Products with at most this many rows are memory bound: bf16 and fp16 are fine there without native support.
 SMALL_ROWS = 16
 
 
@@ -29,9 +30,19 @@ def native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def native_fp16() -> bool:
+    """Whether this CPU runs fp16 matrix products natively (oneDNN's check: AVX-512 FP16, AMX-FP16)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 def emulated(x: torch.Tensor) -> bool:
-    """True where bf16 compute on `x` would take torch's slow scalar fallback."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16()
+    """True where bf16 or fp16 compute on `x` would take torch's slow scalar fallback."""
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16:
+        return not native_bf16()
+    return x.dtype == torch.float16 and not native_fp16()
 
 
 def _up(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               **kwargs: object) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in fp32 for many bf16 queries on CPUs without bf16."""
+    """F.scaled_dot_product_attention, in fp32 for many half-precision queries where they are emulated."""
     if emulated(q) and q.shape[-2] > 1:
         mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,

@@ -161,15 +161,18 @@ def write_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     roles: str = "pro",
+    config_dtype: torch.dtype | None = None,
     image_size: int = 384,
     language: dict[str, object] | None = None,
 ) -> Path:
-    """Write a random Janus checkpoint directory at `dst` and return its path. `image_size` and
-    `language` are passed to `config_dict` (a smaller image grid; language_config overrides)."""
+    """Write a random Janus checkpoint directory at `dst` and return its path. config.json's
+    `torch_dtype` names `config_dtype` when given (it may differ from the weights'), else `dtype`.
+    `image_size` and `language` are passed to `config_dict` (a smaller image grid; language_config
+    overrides)."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(dst, roles=roles)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = str(config_dtype or dtype).removeprefix("torch.")
     data = config_dict(size, vocab_size=int(math.ceil(vocab / 64) * 64), dtype=dtype_name,
                        image_size=image_size, language=language)
     (dst / "config.json").write_text(json.dumps(data, indent=2))
