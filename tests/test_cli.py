@@ -170,7 +170,8 @@ def test_quantize_reaches_the_bench(tiny_dir, monkeypatch, capsys) -> None:
     for flag, want in ((["--quantize", "int8"], "int8"), ([], None)):
         assert main(["bench", str(tiny_dir), *flag, "--no-images", "--no-transformers"]) == 0
         assert asked.pop() == want
-    model, _, _ = benchmark._load_janusvl(tiny_dir, {"quantize": "int8"})  # what the worker measures
+    opts = {"quantize": "int8", "dtype": benchmark.engine_dtypes()["janusvl"]}  # what the worker gets
+    model, _, _ = benchmark._load_janusvl(tiny_dir, opts)
     assert isinstance(model.language_model.lm_head, Int8Linear)
 
 
