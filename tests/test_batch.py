@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from janusvl import Janus
 from janusvl.batch import Backend, CaptionSink, caption_job, caption_schema, imagine_job, read_inputs
 from janusvl.cli import main
 from janusvl.errors import InputError
@@ -189,7 +190,7 @@ def test_parquet_merge_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_ray_backend_equals_local(tiny_dir: Path, photos: Path, tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
+    import ray  # in the test extra: the Ray backend is tested, never skipped
     local = tmp_path / "local.jsonl"
     caption_job(tiny_dir, photos, local, load=LOAD, batch_size=2, max_new_tokens=TOKENS, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -199,6 +200,27 @@ def test_ray_backend_equals_local(tiny_dir: Path, photos: Path, tmp_path: Path) 
                               progress=False, backend=Backend("ray", replicas=2, cpus_per_replica=1))
         assert summary.done == 6
         assert by_id(pq.read_table(remote).to_pylist()) == by_id(jsonl(local))
+        # A table with ids is read by Ray's workers (read_json); one row is already done.
+        table = tmp_path / "rows.jsonl"
+        table.write_text("".join(json.dumps({"id": f"k{i}", "image": str(photos / name), "q": q}) + "\n" for i, (name, q)
+                                 in enumerate([("a.png", "Why?"), ("rgba.png", ""), ("sub/b.jpg", "Who?")])))
+        for out, backend in [(tmp_path / "t-local.jsonl", Backend()), (tmp_path / "t-ray.jsonl", Backend("ray", 2))]:
+            out.write_text(json.dumps({"id": "k1", "answer": "done before"}) + "\n")
+            summary = caption_job(tiny_dir, table, out, load=LOAD, prompt_column="q", max_new_tokens=TOKENS,
+                                  progress=False, backend=backend)
+            assert (summary.done, summary.already) == (2, 1)
+        assert by_id(jsonl(tmp_path / "t-ray.jsonl")) == by_id(jsonl(tmp_path / "t-local.jsonl"))
+        # imagine --prompts: two prompts on two replicas, one image each.
+        file = tmp_path / "prompts.txt"
+        file.write_text("a red fox\nblue sky\n")
+        out = tmp_path / "renders"
+        summary = imagine_job(tiny_dir, file, out, seed=5, batch_size=1, load=LOAD, progress=False,
+                              backend=Backend("ray", replicas=2, cpus_per_replica=1))
+        assert summary.done == 2 and [r["file"] for r in jsonl(out / "manifest.jsonl")] == ["00000-0.png", "00001-0.png"]
+        janus = Janus.from_pretrained(tiny_dir, **LOAD)
+        for i, prompt in enumerate(["a red fox", "blue sky"]):
+            with Image.open(out / f"{i:05d}-0.png") as im:
+                assert np.array_equal(np.asarray(im), np.asarray(janus.generate_images(prompt, seed=5 + i)[0]))
     finally:
         ray.shutdown()
 
@@ -217,12 +239,12 @@ def test_imagine_prompts_equal_generate_images_and_resume(janus, tiny_dir: Path,
     names = [f"{i:05d}-{k}.png" for i in range(3) for k in range(2)]
     assert sorted(p.name for p in out.glob("*.png")) == names
     seeds = [3, 101, 11]  # an entry without a seed gets --seed plus its index
-    for i, (entry, seed) in enumerate(zip(PROMPTS, seeds, strict=True)):
-        want = janus.generate_images(entry["prompt"], n=2, seed=seed)
+    want = [janus.generate_images(entry["prompt"], n=2, seed=seed) for entry, seed in zip(PROMPTS, seeds, strict=True)]
+    for i in range(3):
         for k in range(2):
             with Image.open(out / f"{i:05d}-{k}.png") as im:
                 assert (im.format, im.size) == ("PNG", (384, 384))
-                assert np.array_equal(np.asarray(im), np.asarray(want[k])), (i, k)
+                assert np.array_equal(np.asarray(im), np.asarray(want[i][k])), (i, k)
     manifest = jsonl(out / "manifest.jsonl")
     assert [(r["file"], r["prompt"], r["seed"], r["cfg_weight"]) for r in manifest] == \
         [(n, PROMPTS[int(n[:5])]["prompt"], seeds[int(n[:5])], 5.0) for n in names]
@@ -238,7 +260,7 @@ def test_imagine_prompts_equal_generate_images_and_resume(janus, tiny_dir: Path,
     assert [n for n in names if (out / n).stat().st_mtime_ns != kept.get(n)] == ["00001-1.png"]
     assert [r["file"] for r in jsonl(out / "manifest.jsonl")] == names
     with Image.open(out / "00001-1.png") as im:
-        assert np.array_equal(np.asarray(im), np.asarray(janus.generate_images(PROMPTS[1]["prompt"], n=2, seed=101)[1]))
+        assert np.array_equal(np.asarray(im), np.asarray(want[1][1]))
 
 
 def test_imagine_prompts_errors(tiny_dir: Path, tmp_path: Path, capsys) -> None:

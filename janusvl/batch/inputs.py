@@ -67,7 +67,7 @@ class InputSet:
     not_images: list[str] = field(default_factory=list)
     files: list[Path] | None = None  # a directory's or glob's image files, in `ids` order
     prompt: str = DEFAULT_PROMPT
-    table: _Table | None = None
+    table: Table | None = None
 
     def rows(self, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[CaptionInput]:
         """The rows whose ids are not in `skip`, in input order."""
@@ -99,7 +99,7 @@ def read_inputs(source: str | Path, prompt: str = DEFAULT_PROMPT, image_column: 
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise InputError(f"{text}: expected a directory, a glob, or a table ending in "
                          f"{', '.join(TABLE_SUFFIXES)}")
-    table = _Table(path, prompt, image_column, prompt_column, id_column)
+    table = Table(path, prompt, image_column, prompt_column, id_column)
     return InputSet(text, table.ids(), table=table)
 
 
@@ -125,7 +125,32 @@ def _file_set(source: str, root: Path, files: list[Path], prompt: str) -> InputS
                     files=[f.resolve() for f in images], prompt=prompt)
 
 
-class _Table:
+@dataclass(frozen=True)
+class RowMaker:
+    """Turns a table record into a row: the one conversion the local and Ray readers share."""
+    folder: str  # relative image paths are taken from here
+    prompt: str
+    image_column: str
+    prompt_column: str | None
+
+    def __call__(self, row_id: str, record: dict[str, Any]) -> CaptionInput:
+        prompt = record.get(self.prompt_column) if self.prompt_column else None
+        return CaptionInput(row_id, self.image(record.get(self.image_column)),
+                            prompt if isinstance(prompt, str) and prompt.strip() else self.prompt)
+
+    def image(self, value: Any) -> str | bytes:
+        """A path (made absolute against the table's folder), a data URL or bytes; anything
+        else is handed on as is and fails, as that row's error, when it is opened."""
+        if isinstance(value, dict):  # Hugging Face datasets' Image feature
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        if isinstance(value, str) and value and not value.startswith("data:"):
+            return str((Path(self.folder) / Path(value).expanduser()).resolve())
+        return value if isinstance(value, str) else ""
+
+
+class Table:
     """A .jsonl, .csv or .parquet file read as records, column by column names."""
 
     def __init__(self, path: Path, prompt: str, image_column: str, prompt_column: str | None,
@@ -139,6 +164,7 @@ class _Table:
                 raise InputError(f"{path}: {flag} {name!r} is not a column (columns: {', '.join(columns)})")
         self.image_column, self.prompt_column = image_column, prompt_column
         self.id_column = id_column if id_column is not None else ("id" if "id" in columns else None)
+        self.maker = RowMaker(str(path.parent), prompt, image_column, prompt_column)
 
     def ids(self) -> list[str]:
         if self.id_column is None:
@@ -157,24 +183,25 @@ class _Table:
         return ids
 
     def rows(self, ids: list[str], skip: set[str] | frozenset[str]) -> Iterator[CaptionInput]:
-        wanted = [c for c in (self.image_column, self.prompt_column) if c is not None]
-        for row_id, record in zip(ids, self._records(wanted), strict=True):
-            if row_id in skip:
-                continue
-            prompt = record.get(self.prompt_column) if self.prompt_column else None
-            yield CaptionInput(row_id, self._image(record.get(self.image_column)),
-                               prompt if isinstance(prompt, str) and prompt.strip() else self.prompt)
+        for row_id, record in zip(ids, self._records(self.wanted), strict=True):
+            if row_id not in skip:
+                yield self.maker(row_id, record)
 
-    def _image(self, value: Any) -> str | bytes:
-        """A path (made absolute against the table's folder), a data URL or bytes; anything
-        else is handed on as is and fails, as that row's error, when it is opened."""
-        if isinstance(value, dict):  # Hugging Face datasets' Image feature
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value)
-        if isinstance(value, str) and value and not value.startswith("data:"):
-            return str((self.path.parent / Path(value).expanduser()).resolve())
-        return value if isinstance(value, str) else ""
+    @property
+    def wanted(self) -> list[str]:
+        return [c for c in (self.id_column, self.image_column, self.prompt_column) if c is not None]
+
+    def ray_read(self, ray: Any) -> Any:
+        """The table as a Ray dataset read by Ray's workers (only the columns used)."""
+        if self.kind == ".parquet":
+            return ray.data.read_parquet(str(self.path), columns=self.wanted)
+        if self.kind == ".csv":  # every cell a string, as the csv module reads it
+            import pyarrow as pa
+            import pyarrow.csv
+
+            types = {c: pa.string() for c in self._columns()}
+            return ray.data.read_csv(str(self.path), convert_options=pyarrow.csv.ConvertOptions(column_types=types))
+        return ray.data.read_json(str(self.path), lines=True)
 
     def _columns(self) -> list[str]:
         if self.kind == ".parquet":

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from .caption import Captioner
 from .imagine import ImagineInput, Renderer, read_prompts
-from .inputs import DEFAULT_PROMPT, read_inputs
+from .inputs import DEFAULT_PROMPT, InputSet, read_inputs
 from .outputs import CaptionSink, JsonlLog
 
 if TYPE_CHECKING:
@@ -106,24 +106,33 @@ def caption_job(model: str | Path | Janus, source: str | Path, output: str | Pat
     summary = Summary(rows=len(inputs.ids), already=len(inputs.ids) - len(pending), not_images=len(inputs.not_images))
     if sink.torn:
         _note(f"{sink.log.path}: dropped a torn last line left by an interrupted run")
-    if pending:
-        options = {"batch_size": batch_size, "workers": workers, **sampling}
-        rows = inputs.rows(skip=done)
-        if backend.name == "ray":
-            from .ray_backend import ray_caption
-
-            records = ray_caption(_model_path(model), load or {}, list(rows), options, backend.replicas,
-                                  backend.cpus_per_replica, backend.gpus_per_replica)
-            _write_captions(records, sink, summary, len(pending), batch_size, progress)
-        else:
-            captioner = Captioner(_load(model, load or {}), **options)
-            try:
-                _write_captions(captioner.stream(rows), sink, summary, len(pending), batch_size, progress)
-            finally:
-                captioner.close()
+    try:
+        if pending:
+            _caption(model, inputs, done, sink, summary, len(pending), backend, load or {},
+                     {"batch_size": batch_size, "workers": workers, **sampling}, progress)
+    except BaseException:
+        sink.log.close()  # what was written stays, for the next run to resume from
+        raise
     sink.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _caption(model: str | Path | Janus, inputs: InputSet, done: set[str], sink: CaptionSink, summary: Summary,
+             total: int, backend: Backend, load: dict[str, Any], options: dict[str, Any], progress: bool) -> None:
+    batch_size = options["batch_size"]
+    if backend.name == "ray":
+        from .ray_backend import ray_caption
+
+        records = ray_caption(_model_path(model), load, inputs, done, options, backend.replicas,
+                              backend.cpus_per_replica, backend.gpus_per_replica)
+        _write_captions(records, sink, summary, total, batch_size, progress)
+        return
+    captioner = Captioner(_load(model, load), **options)
+    try:
+        _write_captions(captioner.stream(inputs.rows(skip=done)), sink, summary, total, batch_size, progress)
+    finally:
+        captioner.close()
 
 
 def _write_captions(records: Iterable[dict[str, Any]], sink: CaptionSink, summary: Summary, total: int,
@@ -156,9 +165,10 @@ def imagine_job(model: str | Path | Janus, prompts: str | Path, output_dir: str 
                          f"batch size {batch_size} (an entry's images are generated together; raise the batch size)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for entry in entries:
-            for file in entry.files:
+    for entry in entries:
+        for file in entry.files:
+            (out / (file + ".tmp")).unlink(missing_ok=True)  # left by a kill mid-write
+            if overwrite:
                 (out / file).unlink(missing_ok=True)
     manifest = JsonlLog(out / "manifest.jsonl", key="file", overwrite=overwrite)
     settings = {"cfg_weight": cfg_weight, "temperature": temperature}
@@ -182,8 +192,8 @@ def _render(model: str | Path | Janus, pending: list[ImagineInput], out: Path, m
     by_index = {e.index: e for e in pending}
     # Image steps are counted where the engine runs: in this process only.
     steps = tqdm(total=None, unit="step", desc="steps", file=sys.stderr, position=1,
-                 disable=not progress or backend.name != "local",
-                 leave=False, dynamic_ncols=True)
+                 disable=not progress or backend.name != "local", leave=False, dynamic_ncols=True,
+                 mininterval=0.5)
     bar = tqdm(total=len(pending), unit="prompt", desc="imagine", file=sys.stderr, disable=not progress,
                position=0, dynamic_ncols=True)
     options = {"batch_size": batch_size, **settings}

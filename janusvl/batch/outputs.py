@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InputError
 from .inputs import require_pyarrow
@@ -36,12 +36,13 @@ class JsonlLog:
 
     def __init__(self, path: Path, key: str = "id", overwrite: bool = False) -> None:
         self.path, self.key = path, key
-        if overwrite:
-            path.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab")
+        _lock(self._file, path)
+        if overwrite:
+            self._file.truncate(0)
         self.torn = _cut_torn_line(path)
         self.keys: set[str] = {str(r[key]) for r in self.records()}
-        self._file = open(path, "ab")
 
     def records(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
@@ -69,6 +70,19 @@ class JsonlLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _lock(file: BinaryIO, path: Path) -> None:
+    """Hold an exclusive lock while writing: two runs appending to one file would interleave."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.close()
+        raise InputError(f"{path}: another run is writing this file") from None
 
 
 def _cut_torn_line(path: Path) -> bool:
@@ -109,10 +123,10 @@ class CaptionSink:
         self.parquet = suffix == ".parquet"
         if self.parquet:
             require_pyarrow("Parquet output")
-            if overwrite:
-                self.path.unlink(missing_ok=True)
         log_path = self.path.with_name(self.path.name + ".partial.jsonl") if self.parquet else self.path
         self.log = JsonlLog(log_path, overwrite=overwrite)
+        if self.parquet and overwrite:
+            self.path.unlink(missing_ok=True)
         self.finished_ids = _parquet_ids(self.path) if self.parquet else set()
 
     @property
