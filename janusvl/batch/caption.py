@@ -65,7 +65,8 @@ class Captioner:
 
     def __call__(self, batch: Any) -> Any:
         """pyarrow table with columns id, prompt, path (str) and data (bytes) -> caption table."""
-        pa = __import__("pyarrow")
+        import pyarrow as pa
+
         rows = [CaptionInput(r["id"], r["data"] if r["data"] is not None else r["path"], r["prompt"])
                 for r in batch.to_pylist()]
         records = list(self.stream(rows))
