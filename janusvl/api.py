@@ -195,6 +195,24 @@ class Janus:
             pass
         return run.results()
 
+    def caption_batch(self, images: Sequence[ImageSource], prompt: str | Sequence[str] = "Describe this image.",
+                      batch_size: int = 8, max_new_tokens: int = 256, **sampling: object) -> list[dict[str, object]]:
+        """Answer `prompt` (one for all, or one per image) about each image through the batching
+        engine, as `janusvl caption` does; one record per image, in order (see
+        `janusvl.batch.CAPTION_COLUMNS`), with `error` set for an image that cannot be read."""
+        from .batch import CaptionInput, Captioner
+
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise InputError(f"got {len(prompts)} prompts for {len(images)} images")
+        rows = [CaptionInput(str(i), image, p) for i, (image, p) in enumerate(zip(images, prompts))]  # type: ignore[arg-type]
+        captioner = Captioner(self, batch_size=batch_size, max_new_tokens=max_new_tokens, **sampling)  # type: ignore[arg-type]
+        try:
+            records = {r["id"]: r for r in captioner.stream(rows)}
+        finally:
+            captioner.close()
+        return [records[row.id] for row in rows]
+
     def _run(self, batch: Sequence[Messages | str], max_new_tokens: int, temperature: float,
              top_p: float, top_k: int, seed: int | None, stop: str | Sequence[str] | None,
              roles: tuple[str, str] | None) -> _Run:

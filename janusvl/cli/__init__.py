@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ["chat", "demo", "imagine", "convert", "bench", "serve"]
+COMMANDS = ["chat", "demo", "imagine", "convert", "bench", "serve", "caption"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .backend import add_backend_options, backend_from_args, load_options, report
 from .common import CommandError, add_model_options, check_device, load, status
 
 NAME = re.compile(r"image-(\d+)\.png")
@@ -47,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Generate images from a text prompt (classifier-free guidance over VQ codes) and "
                     "save them as image-NNN.png, numbered after any already in the output directory.")
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or Hub id (e.g. deepseek-ai/Janus-Pro-7B)")
-    parser.add_argument("prompt", metavar="PROMPT", help="what the images should show")
+    parser.add_argument("prompt", metavar="PROMPT", nargs="?", help="what the images should show")
     parser.add_argument("-n", "--num-images", type=_positive_int, default=1, metavar="N",
                         help="images to generate, in one batch (default: 1)")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("."), metavar="DIR",
@@ -59,7 +60,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for reproducible images; without it a random seed is used and printed")
     add_model_options(parser)
+    add_prompts_options(parser)
     parser.set_defaults(run=run)
+
+
+def add_prompts_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "many prompts (--prompts FILE)",
+        "Render every prompt of FILE (one per line, or JSONL with prompt and optional n, seed) into "
+        "DIR as NNNNN-K.png with a manifest.jsonl; re-running skips the PNGs already there. -n is the "
+        "default n; an entry without a seed gets --seed (default 0) plus its index.")
+    group.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="a file of prompts")
+    group.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",
+                       help="images generated together, across prompts (default: 4)")
+    add_backend_options(group)
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    from ..batch import imagine_job
+
+    check_device(args.device)
+    summary = imagine_job(args.model, args.prompts, args.output_dir, n=args.num_images,
+                          seed=0 if args.seed is None else args.seed, cfg_weight=args.cfg_weight,
+                          temperature=args.temperature, batch_size=args.batch_size, overwrite=args.overwrite,
+                          backend=backend_from_args(args), load=load_options(args))
+    return report(summary, "prompts")
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -95,6 +120,10 @@ def save_numbered(images: list[Image.Image], out: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from ..generation.image import check_image_args, decode_image_tokens, generate_image_tokens
 
+    if (args.prompt is None) == (args.prompts is None):
+        raise CommandError("give either PROMPT or --prompts FILE")
+    if args.prompts is not None:
+        return run_prompts(args)
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     check_image_args(args.prompt, args.num_images, args.cfg_weight, args.temperature, seed)
     check_device(args.device)
