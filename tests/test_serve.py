@@ -281,10 +281,12 @@ def test_disconnected_clients_leave_nothing_running(janus) -> None:
         stream.close()  # the client goes away mid-stream
         live.wait_idle(10)
         assert live.metric("janusvl_requests_running") == 0
-        # A waiting (non-streamed) client that hangs up is dropped too.
+        # A waiting (non-streamed) client that hangs up is dropped too. Greedy, so the answer is known to run
+        # to max_tokens (a sampled one may meet EOS before the client gives up).
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(live.url + "/v1/chat/completions", timeout=0.5,
-                       json={"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1500})
+                       json={"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1500,
+                             "temperature": 0})
         live.wait_idle(10)
         assert live.metric("janusvl_requests_running") == 0
         reply = live.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
