@@ -140,7 +140,7 @@ def _assistant_role(processor: Any) -> str:
 
 
 def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
-    from .models.fast import optimize
+    from .models.fast import optimize, optimize_generation
     from .models.janus import MultiModalityCausalLM
     from .processing import VLChatProcessor
 
@@ -148,6 +148,7 @@ def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
     model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype=opts["dtype"])
     processor = VLChatProcessor.from_pretrained(ckpt)
     optimize(model.language_model, opts.get("quantize"))
+    optimize_generation(model.gen_head, model.gen_aligner)
     return model, processor, _now() - t
 
 

@@ -161,6 +161,9 @@ def test_without_native_bf16_every_projection_runs_fbgemm_in_fp32(tiny_dir, avx2
     halves = [lm.lm_head] + [m for layer in lm.model.layers for m in (
         layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     assert all(type(m) is fast.HalfLinear and m.exact for m in halves)
+    generation = [model.gen_head.output_mlp_projector, model.gen_head.vision_head,
+                  *[m for m in model.gen_aligner.modules() if m.__class__.__name__.endswith("Linear")]]
+    assert len(generation) >= 4 and all(type(m) is fast.HalfLinear for m in generation)
     calls = record(monkeypatch, torch.ops.quantized, "linear_dynamic_fp16", lambda x, packed: (rows(x), x.dtype))
     plain = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
     embeds, mask = prompt(model)
@@ -194,6 +197,12 @@ def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_
         assert rel_error(b, a) < 2e-3
         kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
         assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
+        fast.optimize_generation(half.gen_head, half.gen_aligner)
+        assert type(half.gen_head.vision_head) is fast.HalfLinear
+        codes = torch.randint(0, plain.config.gen_vision_config.image_token_size, (4,))
+        hidden = plain.prepare_gen_img_embeds(codes)
+        assert rel_error(half.prepare_gen_img_embeds(codes).float(), hidden.float()) < 1e-2
+        assert rel_error(half.gen_head(hidden).float(), plain.gen_head(hidden).float()) < 1e-2
 
 
 def test_half_linear_knows_which_weights_fp16_holds() -> None:

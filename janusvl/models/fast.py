@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import emulated, linear, native_bf16
+from .layers import Linear, emulated, linear, native_bf16
 from .llama import LlamaForCausalLM
 
 
@@ -271,6 +271,16 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
     if lm.kernel != "torch" and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
         release_pages(source)
     return lm
+
+
+def optimize_generation(gen_head: nn.Module, gen_aligner: nn.Module) -> None:
+    """Run the image-generation head and aligner (2n rows every step of an n-image batch) in
+    the kernel `pick_kernel` chose for this CPU; their weights stay as loaded in value."""
+    for parent in (gen_head, gen_aligner):
+        for owner in list(parent.modules()):
+            for name, child in list(owner.named_children()):
+                if type(child) in (nn.Linear, Linear) and (picked := pick_kernel(child.weight)) is not None:
+                    setattr(owner, name, _exact_or_plain(picked[1], child.weight, child.bias))
 
 
 def release_pages(*tensors: torch.Tensor) -> None:
