@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -255,7 +256,9 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
             return lm  # nothing faster than plain F.linear for this device and dtype
         lm.kernel, kind = picked
         make = functools.partial(_exact_or_plain, kind)
-    for layer in lm.model.layers:
+    release = lm.kernel != "torch"  # the plain kernel reads the loaded weights themselves
+
+    def rewrite(layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         sources = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
@@ -264,12 +267,19 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
         mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
         del mlp.gate_proj, mlp.up_proj
         mlp.down_proj = make(mlp.down_proj.weight, None)
-        if lm.kernel != "torch":
+        if release:
             release_pages(*(m.weight for m in sources))
-    source = lm.lm_head.weight
-    lm.lm_head = make(source, None)
-    if lm.kernel != "torch" and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
-        release_pages(source)
+
+    def rewrite_head() -> None:
+        source = lm.lm_head.weight
+        lm.lm_head = make(source, None)
+        if release and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
+            release_pages(source)
+
+    # Packing is single-threaded inside fbgemm and oneDNN and releases the GIL: layers in parallel.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, layer) for layer in lm.model.layers]:
+            done.result()
     return lm
 
 
