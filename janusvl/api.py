@@ -148,13 +148,14 @@ class Janus:
         `dtype` "auto" keeps the checkpoint's dtype. `roles` overrides the detected role names.
         The decoder and the image-generation head get the kernels `janusvl.models.fast` picks for
         this CPU (bit-identical where bf16 is native, fp32 sums of the exact weights elsewhere);
-        `quantize="int8"` also stores its weights as int8 (faster decoding, small logit error)."""
+        `quantize="int8"` or `"int4"` also stores its weights in 8 or 4 bits (faster decoding, a
+        small logit error documented in the README)."""
         from .loading.checkpoint import load_model
         from .loading.hub import resolve_checkpoint
         from .models.fast import optimize, optimize_generation
 
-        if quantize not in (None, "none", "int8"):
-            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize not in (None, "none", "int8", "int4"):
+            raise InputError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         root = resolve_checkpoint(model, revision)
         processor = VLChatProcessor.from_pretrained(root)
         vl_gpt = load_model(root, device=device, dtype=dtype)

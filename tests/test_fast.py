@@ -29,6 +29,7 @@ from test_loading import tied_checkpoint
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
 INT8_PREFILL_MAX_REL_ERROR = 0.05
 INT8_DECODE_MAX_REL_ERROR = 0.08
+INT4_MAX_REL_ERROR = 0.4
 
 
 def load(ckpt, quantize=None, fast=False):
@@ -272,6 +273,47 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
         assert 0 < error < bound, phase  # 0 would mean nothing was quantised
 
 
+def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monkeypatch) -> None:
+    """Every projection and the head run torch's int4 kernel on bf16 activations, prompts and
+    decode steps alike; a real prefill and cached decode step stay within the README's bounds."""
+    plain, q = load(tiny_dir), load(tiny_dir, quantize="int4")
+    assert q.language_model.kernel == "int4"
+    embeds, mask = prompt(plain)
+    B, T, _ = embeds.shape
+    reference = phases(plain.language_model, embeds, mask, [])
+    calls = record(monkeypatch, torch.ops.aten, "_weight_int4pack_mm_for_cpu",
+                   lambda x, w, group, scales: (rows(x), x.dtype, group))
+    seen = phases(q.language_model, embeds, mask, calls)
+    n, D = len(q.language_model.model.layers), plain.config.language_config.hidden_size
+    groups = [64, 64, 64, fast.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
+    assert D % 64 == 0
+    assert seen["prefill"][1] == [(B * T, torch.bfloat16, g) for g in groups[:-1]] + [(B, torch.bfloat16, 64)]
+    assert seen["decode"][1] == [(B, torch.bfloat16, g) for g in groups]
+    for phase in ("prefill", "decode"):
+        error = rel_error(seen[phase][0], reference[phase][0])
+        print(f"\nint4 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
+        assert 0 < error < INT4_MAX_REL_ERROR, phase
+
+
+def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
+    """Each weight is within half a quantisation step of the original (steps per group), and the
+    kernel's product is the product with those weights up to bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(96, 160), (160, 64)]:
+        w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
+        layer = fast.Int4Linear(w, None)
+        G = layer.group_size
+        assert G == (32 if K == 160 else 64) and layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == N * K // 2
+        d = layer.dequantized()
+        step, zero = (layer.scales_and_zeros[..., i].float().T.repeat_interleave(G, dim=1) for i in (0, 1))  # [N, K]
+        # half a step, plus the bf16 rounding of each group's offset (it shifts the whole grid)
+        assert ((d - w.float()).abs() <= step / 2 + zero.abs() * 2.0 ** -8).all()
+        x = torch.randn(5, K, generator=g).bfloat16()
+        assert rel_error(layer(x).float(), x.float() @ d.T) < 4e-3
+    with pytest.raises(ValueError, match="divisible by 32"):
+        fast.Int4Linear(torch.randn(8, 48), None)
+
+
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
     monkeypatch.setattr(fast, "_HAS_VNNI", vnni)
@@ -321,13 +363,17 @@ def test_janus_from_pretrained_quantizes_and_rejects_unknown_schemes(tiny_dir, t
     plain = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="none")
     assert not isinstance(plain.model.language_model.lm_head, Int8Linear)
     assert not plain.model.language_model.kernel.startswith("int8")
-    with pytest.raises(InputError, match="quantize must be None or 'int8', got 'int4'"):
-        Janus.from_pretrained(tiny_dir, quantize="int4")
+    with pytest.raises(InputError, match="quantize must be None, 'int8' or 'int4', got 'int2'"):
+        Janus.from_pretrained(tiny_dir, quantize="int2")
+    four = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="int4")
+    assert four.model.language_model.kernel == "int4"
+    assert isinstance(four.model.language_model.model.layers[0].mlp.down_proj, fast.Int4Linear)
+    assert four.chat("Describe.", max_new_tokens=8).completion_tokens == 8
 
 
 def test_optimize_rejects_unknown_quantisation(tiny_dir) -> None:
-    with pytest.raises(ValueError, match="int4"):
-        load(tiny_dir, quantize="int4")
+    with pytest.raises(ValueError, match="'int2'"):
+        load(tiny_dir, quantize="int2")
 
 
 # --- tied embeddings -----------------------------------------------------------------------------

@@ -134,6 +134,50 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class Int4Linear(nn.Module):
+    """Int4 weights in groups of `group_size` along the input dimension, each group with its own
+    scale and offset (asymmetric: w ~ (q - 8) * scale + zero, q in 0..15, scale and zero in bf16),
+    run by torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which unpacks on the fly and
+    computes in fp32: a quarter of bf16's bytes per weight, plus 4 bytes per group."""
+
+    GROUP_SIZES = (64, 32, 128)  # the first that divides the input width (64: 0.5 + 0.0625 B/weight)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = N, K = weight.shape
+        self.group_size = G = int4_group_size(K)
+        w = weight.detach().float().view(N, K // G, G)
+        low, high = w.amin(-1), w.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
+        q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(N, K)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
+        # [K/G, N, 2]: the kernel's layout of per-group (scale, zero)
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [N, K] in fp32 (for tests and error figures)."""
+        eye = torch.eye(self.in_features)  # fp32 in and out: no rounding of the weights
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size,
+                                                          self.scales_and_zeros.float()).T
+
+
+def int4_group_size(in_features: int) -> int:
+    for G in Int4Linear.GROUP_SIZES:
+        if in_features % G == 0:
+            return G
+    raise ValueError(f"int4 needs an input width divisible by 32, got {in_features}")
+
+
 # Rows up to which a call is memory bound (decode, batched decode, image-generation steps).
 DYNAMIC_MAX_ROWS = 16
 
@@ -235,19 +279,25 @@ def _exact_or_plain(kind: type[nn.Module], weight: torch.Tensor, bias: torch.Ten
     return layer if getattr(layer, "exact", True) else PlainLinear(weight, bias)
 
 
+QUANTIZE = (None, "int8", "int4")
+
+
 def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausalLM:
     """Rewrite the decoder's linear layers in place for inference; returns `lm`.
 
     quantize=None keeps the weights as loaded: q/k/v and gate/up are fused and every projection
     runs in the kernel `pick_kernel` measured fastest for this CPU (bit-identical to the plain
     path where bf16 is native; fp32 sums of the exact weights where it is emulated);
-    quantize="int8" stores every decoder projection and the LM head as int8 rows + scales.
+    quantize="int8" stores every decoder projection and the LM head as int8 rows + scales;
+    quantize="int4" as int4 groups + scales and offsets.
     The choice is recorded in `lm.kernel`.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if quantize == "int8":
         lm.kernel, make = "int8-fbgemm" if has_fbgemm() else "int8", Int8Linear
+    elif quantize == "int4":
+        lm.kernel, make = "int4", Int4Linear
     else:
         sample = lm.model.layers[0].mlp.gate_proj.weight if len(lm.model.layers) else lm.lm_head.weight
         picked = pick_kernel(sample)
