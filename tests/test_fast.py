@@ -177,6 +177,32 @@ def test_without_native_bf16_every_projection_runs_fbgemm_in_fp32(tiny_dir, avx2
     assert plain == []
 
 
+def test_without_native_bf16_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
+    """Where bf16 is emulated, a bf16 decoder's cache is fp32 (torch's bf16 attention slows with the
+    batch there) holding exactly the bf16-rounded keys and values, and decode-step attention runs
+    in fp32; the logits match a bf16 cache's up to fp32-vs-bf16 attention arithmetic."""
+    model = load(tiny_dir)
+    lm = model.language_model
+    embeds, mask = prompt(model)
+    B, T, _ = embeds.shape
+    cache = lm.model.new_cache(B, T + 1)
+    assert cache.k[0].dtype == cache.v[-1].dtype == torch.float32
+    with torch.inference_mode():
+        prefill(lm, embeds, mask, cache)
+        for t in (*cache.k, *cache.v):
+            kept = t[:, :, :T]
+            assert torch.equal(kept, kept.bfloat16().float())
+        attention = record(monkeypatch, F, "scaled_dot_product_attention", lambda q, k, v, **_: (q.dtype, k.dtype))
+        a = decode_step(lm, torch.tensor([5, 9]), mask.sum(-1, keepdim=True), cache)
+        assert attention == [(torch.float32, torch.float32)] * len(lm.model.layers)
+        monkeypatch.setattr(layers, "native_bf16", lambda: True)  # a bf16 cache, as on native CPUs
+        half = lm.model.new_cache(B, T + 1)
+        assert half.k[0].dtype == torch.bfloat16
+        prefill(lm, embeds, mask, half)
+        b = decode_step(lm, torch.tensor([5, 9]), mask.sum(-1, keepdim=True), half)
+    assert rel_error(a, b) < 1e-2
+
+
 def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_cpu) -> None:
     """HalfLinear holds every bf16 weight exactly (checked by unpacking fbgemm's copy) and its
     products are fp32 sums of them: against an fp64 product, within what fp32 sums of K terms

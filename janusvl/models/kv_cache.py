@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .layers import attention
+from .layers import attention, emulated
 
 
 class KVCache:
@@ -26,6 +26,10 @@ class KVCache:
         growable: bool = False,
     ) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
+        # Where bf16/fp16 are emulated (AVX2), torch's attention over a half-precision cache slows
+        # down with the batch (8 rows: 3x the fp32 time): such caches hold the same values in fp32.
+        if emulated(torch.empty(0, dtype=dtype, device=device)):
+            dtype = torch.float32
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)

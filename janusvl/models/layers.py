@@ -57,8 +57,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               **kwargs: object) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in fp32 for many half-precision queries where they are emulated."""
-    if emulated(q) and q.shape[-2] > 1:
+    """F.scaled_dot_product_attention, in fp32 for half-precision queries where they are emulated
+    and there are many of them or the keys are already fp32 (kv_cache.py's caches there)."""
+    if emulated(q) and (q.shape[-2] > 1 or k.dtype == torch.float32):
         mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                               **kwargs).to(q.dtype)
