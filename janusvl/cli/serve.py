@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="allow browser requests from ORIGIN (repeatable; default: none)")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs from public addresses (default: data: URLs only)")
+    parser.add_argument("--allow-special-tokens", action="store_true",
+                        help="read special-token strings in request text (<|Assistant|>, the EOS string, "
+                             "<image_placeholder>) as control tokens, as DeepSeek's pipeline does "
+                             "(default: ordinary text, so a user cannot end or forge a turn)")
     parser.add_argument("--image-cache-mb", type=float, default=256,
                         help="memory for cached image features (default: 256)")
     parser.add_argument("--drain-timeout", type=float, default=30,
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     state = ServerState(ready=True)
     options = ServerOptions(model_name=name, api_key=args.api_key, cors_origins=args.cors_origin,
                             allow_remote_images=args.allow_remote_images,
+                            allow_special_tokens=args.allow_special_tokens,
                             max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(engine, options, state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

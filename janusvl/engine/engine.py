@@ -106,18 +106,23 @@ class Engine:
 
     def chat_request(self, messages: Messages | str, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
-                     seed: int | None = None, stop: str | Sequence[str] | None = None) -> ChatRequest:
+                     seed: int | None = None, stop: str | Sequence[str] | None = None,
+                     plain_text: bool = False) -> ChatRequest:
         """Check and preprocess a conversation (images are opened and resized here, in the
-        caller's thread). `max_new_tokens` None allows what the context leaves."""
+        caller's thread). `max_new_tokens` None allows what the context leaves. With
+        `plain_text`, special-token strings in the messages' text are ordinary text (the server's
+        default: a user cannot end their turn or forge another by typing `<|Assistant|>`)."""
         from ..api import _stop_list
 
         params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         if not isinstance(n, int) or n < 1:
             raise InputError(f"n must be an integer >= 1, got {n!r}")
+        if plain_text:
+            messages = self.processor.plain_text.escape_messages(messages)
         prompt, images = self.janus.build_prompt(messages)
         keys = [content_key(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else None
                 for im in images]
-        one = self.processor.process_one(prompt=prompt, images=images)
+        one = self.processor.process_one(prompt=prompt, images=images, plain_text=plain_text)
         limit = self.model.config.language_config.max_position_embeddings
         if max_new_tokens is None:
             max_new_tokens = max(limit - len(one), 1)
@@ -127,11 +132,11 @@ class Engine:
                            stop=_stop_list(stop))
 
     def image_request(self, prompt: str, n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
-                      seed: int | None = None) -> ImageRequest:
+                      seed: int | None = None, plain_text: bool = False) -> ImageRequest:
         check_image_args(prompt, n, cfg_weight, temperature, seed)
         if n > self.max_images:
             raise InputError(f"n must be at most {self.max_images} images per request, got {n}")
-        ids = image_prompt_ids(self.model, self.processor, prompt, self.janus.roles)
+        ids = image_prompt_ids(self.model, self.processor, prompt, self.janus.roles, plain_text)
         return ImageRequest(prompt_ids=torch.tensor(ids, dtype=torch.long), n=n, cfg_weight=float(cfg_weight),
                             temperature=float(temperature), seed=seed)
 

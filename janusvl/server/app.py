@@ -46,6 +46,8 @@ class ServerOptions:
     cors_origins: Sequence[str] = ()
     allow_remote_images: bool = False
     max_body_bytes: int = 20 * 2**20
+    # Off: special-token strings in request text are ordinary text (see processing.plain_text).
+    allow_special_tokens: bool = False
 
 
 class APIError(Exception):
@@ -224,7 +226,7 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
             req = await run_in_threadpool(
                 engine.chat_request, messages, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
-                stop=body.stop)
+                stop=body.stop, plain_text=not options.allow_special_tokens)
         except JanusError as exc:
             raise _as_api_error(exc, "messages" if isinstance(exc, ImageLoadError) else None) from None
         events = submit(req)
@@ -247,7 +249,8 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
                            param="response_format")
         try:
             req = await run_in_threadpool(engine.image_request, body.prompt, n=body.n,
-                                          cfg_weight=body.cfg_weight, temperature=body.temperature, seed=body.seed)
+                                          cfg_weight=body.cfg_weight, temperature=body.temperature, seed=body.seed,
+                                          plain_text=not options.allow_special_tokens)
         except JanusError as exc:
             raise _as_api_error(exc, "prompt") from None
         events = submit(req)
