@@ -195,10 +195,14 @@ class Engine:
                     if self._running:
                         self._decode()
                 except Exception as exc:  # noqa: BLE001 - a bug in the loop itself: fail what it held, go on
-                    for job in self._all_jobs(waiting=False):
-                        self._end(job, Failed(exc))
-        for job in self._all_jobs():
-            self._end(job, Failed(UnavailableError("the server shut down before this request finished")))
+                    self._fail_all(exc, waiting=False)
+        self._fail_all(UnavailableError("the server shut down before this request finished"))
+
+    def _fail_all(self, exc: BaseException, waiting: bool = True) -> None:
+        # A method of its own: a job left in a variable of `_loop`'s frame (which lives as long as
+        # the engine) would keep that request's memory alive.
+        for job in self._all_jobs(waiting):
+            self._end(job, Failed(exc))
 
     def _all_jobs(self, waiting: bool = True) -> list[Job]:
         """Take every job out of the engine (the waiting ones too, unless told otherwise)."""
@@ -245,18 +249,26 @@ class Engine:
             if self._current is not None:
                 self._piece()
             elif self._finishing:
-                job = self._finishing.popleft()
-                self._current = (job, job.finish(), "finish")
+                self._start(self._finishing.popleft(), "finish")
             else:
                 job = self._admit()
                 if job is None:
                     return
                 self.metrics.running.inc()
                 job.admitted = True
-                self._current = (job, job.prefill(self.pacer), "prefill")
+                self._start(job, "prefill")
             now = time.perf_counter()
             if self._running and (now - start) + (now - began) > self.prefill_budget_s:
                 return
+
+    def _start(self, job: Job, kind: str) -> None:
+        """Make `job` the one worked on in pieces (its prefill, or its image decoding)."""
+        try:
+            steps = job.prefill(self.pacer) if kind == "prefill" else job.finish()
+        except Exception as exc:  # noqa: BLE001 - out of every list already: end it here or lose it
+            self._end(job, Failed(exc))
+            return
+        self._current = (job, steps, kind)
 
     def _admit(self) -> Job | None:
         """The first waiting request that fits next to the running ones (FIFO otherwise)."""
