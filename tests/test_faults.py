@@ -129,26 +129,30 @@ def test_disconnect_mid_image(live, janus) -> None:
 
 # ---------------------------------------------------------------------- an image cancelled at step 300
 
+def _image_cancelled_at(engine: Engine, step: int) -> list[int]:
+    """Generate an image, cancelling it from its own event for `step`; the steps reported."""
+    request = engine.image_request("a red fox", seed=3)
+    seen: list[int] = []
+
+    def emit(event) -> None:
+        if isinstance(event, Progress):
+            seen.append(event.step)
+            if event.step == step:
+                request.cancel()
+
+    request.emit = emit
+    engine.submit(request)
+    _wait(lambda: engine.idle and seen and seen[-1] >= step)
+    return seen
+
+
 def test_engine_cancels_an_image_job_at_step_300(janus) -> None:
     """Exactly: the request is cancelled from its own step-300 event, and the engine draws no
     step after it. (The tiny checkpoint generates 384x384 images: 576 steps.)"""
     engine = Engine(janus, metrics=Metrics()).start()
     try:
-        request = engine.image_request("a red fox", seed=3)
-        seen: list[int] = []
-
-        def emit(event) -> None:
-            if isinstance(event, Progress):
-                seen.append(event.step)
-                if event.step == 300:
-                    request.cancel()
-
-        request.emit = emit
-        engine.submit(request)
-        _wait(lambda: engine.idle and seen and seen[-1] >= 300)
-        assert seen == list(range(1, 301)) and seen[-1] < 576
-        del request, emit
-        gc.collect()
+        assert _image_cancelled_at(engine, 300) == list(range(1, 301))
+        gc.collect()  # the request and its callback refer to each other
         stats = engine.stats()
         assert (stats.requests_alive, stats.jobs_alive, stats.kv_caches, stats.image_bytes) == (0, 0, 0, 0)
     finally:
