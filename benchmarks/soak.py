@@ -22,7 +22,6 @@ import random
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_load import pct  # noqa: E402
+from serve_load import pct, start_server  # noqa: E402
 
 MODEL_NAME = "soak"
 QUESTIONS = ["What is in this picture?", "Describe the colours.", "Count the objects.", "Is it day or night?"]
@@ -256,26 +255,6 @@ def wait_at_rest(url: str, timeout: float = 120) -> dict[str, float]:
         time.sleep(0.2)
 
 
-def start_server(model: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    # stderr goes to a file: a pipe nobody reads fills up with warnings and blocks the server.
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "janusvl", "serve", str(model), "--port", str(port),
-                                 "--served-model-name", MODEL_NAME, "--read-timeout", "10", "--max-body-mb", "4",
-                                 "--max-image-pixels", "4000000", *extra], stderr=err, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become healthy in 10 minutes")
-
-
 def _probe(url: str) -> str:
     response = httpx.post(url + "/v1/chat/completions", timeout=120,
                           json={"messages": PROBE, "max_tokens": 12, "temperature": 0})
@@ -296,7 +275,8 @@ def soak(model: Path, seconds: float, warmup: float = 30, concurrency: int = 4, 
         log = Path(tmp) / "server.log"
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(model, port, log, server_args or [])
+        flags = ["--read-timeout", "10", "--max-body-mb", "4", "--max-image-pixels", "4000000", *(server_args or [])]
+        proc = start_server(model, port, flags, MODEL_NAME, log)
         try:
             before = _probe(url)
             _drive(Load(url, image_generation), warmup, concurrency, seed + 1000)
