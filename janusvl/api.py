@@ -146,18 +146,21 @@ class Janus:
                         roles: tuple[str, str] | None = None, quantize: str | None = None) -> Janus:
         """Load a checkpoint directory or Hub id. `device` "auto" picks cuda, mps, then cpu;
         `dtype` "auto" keeps the checkpoint's dtype. `roles` overrides the detected role names.
-        The decoder gets the fast paths of `janusvl.models.fast` (exact for bf16);
-        `quantize="int8"` also stores its weights as int8 (faster decoding, small logit error)."""
+        The decoder and the image-generation head get the kernels `janusvl.models.fast` picks for
+        this CPU (bit-identical where bf16 is native, fp32 sums of the exact weights elsewhere);
+        `quantize="int8"` or `"int4"` also stores its weights in 8 or 4 bits (faster decoding, a
+        small logit error documented in the README)."""
         from .loading.checkpoint import load_model
         from .loading.hub import resolve_checkpoint
-        from .models.fast import optimize
+        from .models.fast import optimize, optimize_generation
 
-        if quantize not in (None, "none", "int8"):
-            raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize not in (None, "none", "int8", "int4"):
+            raise InputError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         root = resolve_checkpoint(model, revision)
         processor = VLChatProcessor.from_pretrained(root)
         vl_gpt = load_model(root, device=device, dtype=dtype)
         optimize(vl_gpt.language_model, None if quantize == "none" else quantize)
+        optimize_generation(vl_gpt.gen_head, vl_gpt.gen_aligner)
         return cls(vl_gpt, processor, roles)
 
     def build_prompt(self, messages: Messages | str,

@@ -140,7 +140,7 @@ def _assistant_role(processor: Any) -> str:
 
 
 def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
-    from .models.fast import optimize
+    from .models.fast import optimize, optimize_generation
     from .models.janus import MultiModalityCausalLM
     from .processing import VLChatProcessor
 
@@ -148,6 +148,7 @@ def _load_janusvl(ckpt: Path, opts: dict[str, Any]) -> tuple[Any, Any, float]:
     model = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype=opts["dtype"])
     processor = VLChatProcessor.from_pretrained(ckpt)
     optimize(model.language_model, opts.get("quantize"))
+    optimize_generation(model.gen_head, model.gen_aligner)
     return model, processor, _now() - t
 
 
@@ -164,6 +165,7 @@ def run_janusvl(ckpt: Path, opts: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     model, processor, out["load_s"] = _load_janusvl(ckpt, opts)
     out["dtype"] = _dtype_name(model.dtype)
+    out["kernel"] = model.language_model.kernel
     t = _now()
     inputs = _inputs(processor, 1)
     out["preprocess_ms"] = (_now() - t) * 1e3
@@ -310,7 +312,8 @@ def bounds_for(results: dict[str, Any], costs: dict[str, float], machine: dict[s
 def format_table(report: dict[str, Any]) -> str:
     ours, theirs, bounds = report["janusvl"], report.get("transformers") or {}, report["bounds"]
     lines = [f"{'figure':32} {'janusvl':>12} {'transformers':>13} {'ratio':>7} {'bound':>10} {'of bound':>9}",
-             f"{'dtype':32} {ours.get('dtype', '-'):>12} {theirs.get('dtype', '-'):>13}"]
+             f"{'dtype':32} {ours.get('dtype', '-'):>12} {theirs.get('dtype', '-'):>13}",
+             f"{'decoder kernel':32} {ours.get('kernel', '-'):>12} {'torch':>13}"]
     for key, label, unit, higher in ROWS:
         a, b, bound = ours.get(key), theirs.get(key), bounds.get(key)
         if a is None:
@@ -371,6 +374,8 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
     costs = model_costs(ckpt)
     if quantize == "int8":  # one byte per decoder weight: the decode bound doubles
         costs["bytes_per_token"] /= 2
+    elif quantize == "int4":  # half a byte per weight, plus a bf16 scale and offset per 64
+        costs["bytes_per_token"] *= (0.5 + 4 / 64) / 2
     report: dict[str, Any] = {"checkpoint": str(ckpt), "machine": machine, "options": opts}
     dtypes = engine_dtypes()
     print(f"running janusvl ({dtypes['janusvl']}) ...", file=sys.stderr)

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import make_image
 from janusvl import Janus
 from janusvl.cli import main
-from janusvl.models.fast import Int8Linear
+from janusvl.models.fast import Int4Linear, Int8Linear
 from janusvl.cli.demo import DEFAULT_PROMPT, demo_image
 from janusvl.testing.checkpoint import write_checkpoint
 
@@ -139,13 +139,15 @@ def test_closed_pipe_exits_141_quietly(tiny_dir) -> None:
     assert b"Traceback" not in err and b"Exception ignored" not in err and b"error" not in err
 
 
-def test_quantize_int8_chat_gives_the_int8_models_answer(tiny_dir, image_path) -> None:
-    proc = janusvl("chat", str(tiny_dir), "--quantize", "int8", "--image", str(image_path), "Describe this image.",
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_chat_gives_the_quantised_models_answer(tiny_dir, image_path, scheme: str) -> None:
+    proc = janusvl("chat", str(tiny_dir), "--quantize", scheme, "--image", str(image_path), "Describe this image.",
                    "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stderr
-    int8 = Janus.from_pretrained(tiny_dir, device="cpu", quantize="int8")
-    assert isinstance(int8.model.language_model.lm_head, Int8Linear)
-    assert proc.stdout == int8.chat([image_message("Describe this image.", image_path)], max_new_tokens=8).text + "\n"
+    quantised = Janus.from_pretrained(tiny_dir, device="cpu", quantize=scheme)
+    assert isinstance(quantised.model.language_model.lm_head, {"int8": Int8Linear, "int4": Int4Linear}[scheme])
+    answer = quantised.chat([image_message("Describe this image.", image_path)], max_new_tokens=8).text
+    assert proc.stdout == answer + "\n"
 
 
 def test_quantize_int8_imagine_gives_the_int8_models_images(tmp_path) -> None:

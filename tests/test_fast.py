@@ -1,11 +1,13 @@
 """The fast decoder paths give the plain path's results: fused projections and packed bf16
-exactly, int8 within the documented bounds; and each CPU class gets the kernels meant for it.
+exactly, fbgemm's fp16-weight kernel as fp32 sums of the exact weights, int8 within the documented
+bounds; and each CPU class gets the kernels meant for it.
 
-CPU classes: with native bf16 (AVX-512 BF16, AMX), `optimize` fuses q/k/v and gate/up and packs
-every projection for oneDNN; without it (AVX2), bf16 decoders stay as loaded and `layers` computes
-large products in fp32; int8 runs fbgemm's dynamic kernel on decode-sized calls (7-bit
-activations without VNNI) and int8 weights x activations on prompts. Detection is monkeypatched
-so every selection is checked on every CPU; only running oneDNN's packed kernel needs the CPU.
+CPU classes: with native bf16 (AVX-512 BF16, AMX), `optimize` fuses q/k/v and gate/up and runs
+every projection in the faster (measured) of oneDNN's packed kernel and the plain one, both
+bit-identical; without it (AVX2), in fbgemm's fp16-weight kernel (`HalfLinear`), prompts and
+decoding alike; int8 runs fbgemm's dynamic kernel on decode-sized calls (7-bit activations without
+VNNI) and int8 weights x activations on prompts. Detection is monkeypatched so every selection is
+checked on every CPU; only running oneDNN's packed kernel needs the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from test_loading import tied_checkpoint
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
 INT8_PREFILL_MAX_REL_ERROR = 0.05
 INT8_DECODE_MAX_REL_ERROR = 0.08
+INT4_MAX_REL_ERROR = 0.4
 
 
 def load(ckpt, quantize=None, fast=False):
@@ -88,9 +91,21 @@ class UnpackedLinear(nn.Module):
 
 @pytest.fixture
 def packing_cpu(monkeypatch) -> None:
-    """A CPU with native bf16 as `optimize` sees it, with the packed kernel stood in for."""
+    """A CPU with native bf16 as `optimize` sees it, with the packed kernel stood in for and
+    measured fastest (as it is on such CPUs)."""
     monkeypatch.setattr(fast, "native_bf16", lambda: True)
+    monkeypatch.setattr(layers, "native_bf16", lambda: True)
     monkeypatch.setattr(fast, "PackedLinear", UnpackedLinear)
+    monkeypatch.setattr(fast, "_CHOSEN", {})
+    monkeypatch.setattr(fast, "_decode_cost", lambda layer, weight: 0.0 if isinstance(layer, UnpackedLinear) else 1.0)
+
+
+@pytest.fixture
+def avx2_cpu(monkeypatch) -> None:
+    """A CPU without native bf16 as every layer sees it."""
+    monkeypatch.setattr(fast, "native_bf16", lambda: False)
+    monkeypatch.setattr(layers, "native_bf16", lambda: False)
+    monkeypatch.setattr(fast, "_CHOSEN", {})
 
 
 # --- bf16: fusion and packing --------------------------------------------------------------------
@@ -137,25 +152,93 @@ def test_packed_bf16_is_bit_identical(gqa_dir) -> None:
         assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast_.language_model, embeds, **kw))
 
 
-def test_without_native_bf16_prompts_compute_in_fp32_and_decoding_in_bf16(tiny_dir, monkeypatch) -> None:
-    """What `Janus.from_pretrained` gives a bf16 checkpoint on an AVX2 CPU: the decoder as loaded
-    (packing would not help), prompts' products in fp32 (bf16 GEMMs are scalar loops there), and
-    decode-sized products and single-query attention in bf16 (memory bound: half the bytes)."""
-    monkeypatch.setattr(layers, "native_bf16", lambda: False)
-    monkeypatch.setattr(fast, "native_bf16", lambda: False)
+def test_without_native_bf16_every_projection_runs_fbgemm_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
+    """What `Janus.from_pretrained` gives a bf16 checkpoint on an AVX2 CPU: every decoder
+    projection (fused) and the head in fbgemm's fp16-weight kernel, for prompts and decoding alike,
+    on fp32 activations; no bf16 product reaches torch's own kernels (scalar loops there)."""
     model = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16").model
     lm = model.language_model
-    assert type(lm.lm_head) is layers.Linear and lm.model.layers[0].self_attn.qkv_proj is None
-    linear = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
-    attention = record(monkeypatch, F, "scaled_dot_product_attention", lambda q, k, v, **_: (q.shape[-2], q.dtype))
+    assert lm.kernel == "fbgemm-fp16"
+    halves = [lm.lm_head] + [m for layer in lm.model.layers for m in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    assert all(type(m) is fast.HalfLinear and m.exact for m in halves)
+    generation = [model.gen_head.output_mlp_projector, model.gen_head.vision_head,
+                  *[m for m in model.gen_aligner.modules() if m.__class__.__name__.endswith("Linear")]]
+    assert len(generation) >= 4 and all(type(m) is fast.HalfLinear for m in generation)
+    calls = record(monkeypatch, torch.ops.quantized, "linear_dynamic_fp16", lambda x, packed: (rows(x), x.dtype))
+    plain = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
     embeds, mask = prompt(model)
     B, T, _ = embeds.shape
-    seen = phases(lm, embeds, mask, linear)
+    seen = phases(lm, embeds, mask, calls)
     n = len(lm.model.layers)
-    # prefill: 7 projections a layer on B*T rows in fp32, the head on the last position in bf16
-    assert seen["prefill"][1] == [(B * T, torch.float32)] * 7 * n + [(B, torch.bfloat16)]
-    assert seen["decode"][1] == [(B, torch.bfloat16)] * (7 * n + 1)
-    assert attention == [(T, torch.float32)] * n + [(1, torch.bfloat16)] * n
+    # prefill: 4 products a layer on B*T rows, the head on the last position; decode: B rows throughout
+    assert seen["prefill"][1] == [(B * T, torch.float32)] * 4 * n + [(B, torch.float32)]
+    assert seen["decode"][1] == [(B, torch.float32)] * (4 * n + 1)
+    assert plain == []
+
+
+def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_cpu) -> None:
+    """HalfLinear holds every bf16 weight exactly (checked by unpacking fbgemm's copy) and its
+    products are fp32 sums of them: against an fp64 product, within what fp32 sums of K terms
+    allow; the whole bf16 decoder then tracks the plain bf16 path as closely as fp32 and bf16
+    rounding allow, and greedy decoding picks the same tokens."""
+    plain, half = load(tiny_dir), load(tiny_dir, fast=True)
+    head = half.language_model.lm_head
+    weight = plain.language_model.lm_head.weight
+    unpacked = torch.ops.quantized.linear_unpack_fp16(head.packed)[0]
+    assert torch.equal(unpacked * head.unscale[:, None], weight.float())
+    x = torch.randn(7, weight.shape[1]).to(torch.bfloat16)
+    exact = x.double() @ weight.double().T
+    bound = weight.shape[1] * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
+    assert ((head(x).double() - exact).abs() <= bound + exact.abs() * 2.0 ** -8).all()  # + bf16 rounding
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        b = half.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        assert rel_error(b, a) < 2e-3
+        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
+        fast.optimize_generation(half.gen_head, half.gen_aligner)
+        assert type(half.gen_head.vision_head) is fast.HalfLinear
+        codes = torch.randint(0, plain.config.gen_vision_config.image_token_size, (4,))
+        hidden = plain.prepare_gen_img_embeds(codes)
+        assert rel_error(half.prepare_gen_img_embeds(codes).float(), hidden.float()) < 1e-2
+        assert rel_error(half.gen_head(hidden).float(), plain.gen_head(hidden).float()) < 1e-2
+
+
+def test_half_linear_knows_which_weights_fp16_holds() -> None:
+    """Rows spanning more binades than fp16 holds below its top are reported inexact (then
+    `optimize` keeps the plain layer); the check agrees with converting."""
+    g = torch.Generator().manual_seed(0)
+    for span, fits in [(10, True), (30, False)]:
+        w = (torch.randn(64, 96, generator=g) * torch.exp2(-torch.rand(64, 96, generator=g) * span)).bfloat16()
+        w[3] = 0  # an all-zero row
+        layer = fast.HalfLinear(w, None)
+        _, e = torch.frexp(w.abs().amax(1).float())
+        scaled = w.float() * torch.exp2(15.0 - e)[:, None]
+        assert layer.exact is fits is torch.equal(scaled.half().float(), scaled)
+        assert type(fast._exact_or_plain(fast.HalfLinear, w, None)) is (fast.HalfLinear if fits else fast.PlainLinear)
+
+
+def test_kernels_are_measured_once_and_the_fastest_kept(monkeypatch) -> None:
+    monkeypatch.setattr(fast, "_CHOSEN", {})
+    monkeypatch.setattr(fast, "can_pack", lambda w: True)
+    timed = []
+
+    def cost(layer, weight):
+        timed.append(type(layer).__name__)
+        return 2.0 if isinstance(layer, fast.PlainLinear) else 1.0
+
+    monkeypatch.setattr(fast, "_decode_cost", cost)
+    monkeypatch.setattr(fast, "PackedLinear", UnpackedLinear)
+    w = torch.randn(32, 16).bfloat16()
+    assert fast.pick_kernel(w) == ("onednn-bf16", UnpackedLinear)
+    assert fast.pick_kernel(w) == ("onednn-bf16", UnpackedLinear)
+    assert sorted(timed) == ["PlainLinear", "UnpackedLinear"]  # once each, for the process
+    monkeypatch.setattr(fast, "_decode_cost", lambda layer, weight: 0.0 if isinstance(layer, fast.PlainLinear) else 1.0)
+    monkeypatch.setattr(fast, "_CHOSEN", {})
+    assert fast.pick_kernel(w)[0] == "torch"
+    assert fast.pick_kernel(torch.randn(32, 16)) is None  # fp32: the loaded layers are the choice
 
 
 def test_fp32_decoders_are_left_as_loaded(tiny_dir, packing_cpu) -> None:
@@ -188,6 +271,47 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
         error = rel_error(seen[phase][0], reference[phase][0])
         print(f"\nint8 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
         assert 0 < error < bound, phase  # 0 would mean nothing was quantised
+
+
+def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monkeypatch) -> None:
+    """Every projection and the head run torch's int4 kernel on bf16 activations, prompts and
+    decode steps alike; a real prefill and cached decode step stay within the README's bounds."""
+    plain, q = load(tiny_dir), load(tiny_dir, quantize="int4")
+    assert q.language_model.kernel == "int4"
+    embeds, mask = prompt(plain)
+    B, T, _ = embeds.shape
+    reference = phases(plain.language_model, embeds, mask, [])
+    calls = record(monkeypatch, torch.ops.aten, "_weight_int4pack_mm_for_cpu",
+                   lambda x, w, group, scales: (rows(x), x.dtype, group))
+    seen = phases(q.language_model, embeds, mask, calls)
+    n, D = len(q.language_model.model.layers), plain.config.language_config.hidden_size
+    groups = [64, 64, 64, fast.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
+    assert D % 64 == 0
+    assert seen["prefill"][1] == [(B * T, torch.bfloat16, g) for g in groups[:-1]] + [(B, torch.bfloat16, 64)]
+    assert seen["decode"][1] == [(B, torch.bfloat16, g) for g in groups]
+    for phase in ("prefill", "decode"):
+        error = rel_error(seen[phase][0], reference[phase][0])
+        print(f"\nint4 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
+        assert 0 < error < INT4_MAX_REL_ERROR, phase
+
+
+def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
+    """Each weight is within half a quantisation step of the original (steps per group), and the
+    kernel's product is the product with those weights up to bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(96, 160), (160, 64)]:
+        w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
+        layer = fast.Int4Linear(w, None)
+        G = layer.group_size
+        assert G == (32 if K == 160 else 64) and layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == N * K // 2
+        d = layer.dequantized()
+        step, zero = (layer.scales_and_zeros[..., i].float().T.repeat_interleave(G, dim=1) for i in (0, 1))  # [N, K]
+        # half a step, plus the bf16 rounding of each group's offset (it shifts the whole grid)
+        assert ((d - w.float()).abs() <= step / 2 + zero.abs() * 2.0 ** -8).all()
+        x = torch.randn(5, K, generator=g).bfloat16()
+        assert rel_error(layer(x).float(), x.float() @ d.T) < 4e-3
+    with pytest.raises(ValueError, match="divisible by 32"):
+        fast.Int4Linear(torch.randn(8, 48), None)
 
 
 @pytest.mark.parametrize("vnni", [True, False])
@@ -237,14 +361,19 @@ def test_janus_from_pretrained_quantizes_and_rejects_unknown_schemes(tiny_dir, t
     by_hand = Janus(load(tiny_dir, quantize="int8"), tiny[1])
     assert janus.chat("Describe.", max_new_tokens=8) == by_hand.chat("Describe.", max_new_tokens=8)
     plain = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="none")
-    assert type(plain.model.language_model.lm_head) is layers.Linear
-    with pytest.raises(InputError, match="quantize must be None or 'int8', got 'int4'"):
-        Janus.from_pretrained(tiny_dir, quantize="int4")
+    assert not isinstance(plain.model.language_model.lm_head, Int8Linear)
+    assert not plain.model.language_model.kernel.startswith("int8")
+    with pytest.raises(InputError, match="quantize must be None, 'int8' or 'int4', got 'int2'"):
+        Janus.from_pretrained(tiny_dir, quantize="int2")
+    four = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="int4")
+    assert four.model.language_model.kernel == "int4"
+    assert isinstance(four.model.language_model.model.layers[0].mlp.down_proj, fast.Int4Linear)
+    assert four.chat("Describe.", max_new_tokens=8).completion_tokens == 8
 
 
 def test_optimize_rejects_unknown_quantisation(tiny_dir) -> None:
-    with pytest.raises(ValueError, match="int4"):
-        load(tiny_dir, quantize="int4")
+    with pytest.raises(ValueError, match="'int2'"):
+        load(tiny_dir, quantize="int2")
 
 
 # --- tied embeddings -----------------------------------------------------------------------------

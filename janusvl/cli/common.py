@@ -29,9 +29,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="weights dtype; auto keeps the checkpoint's own (default: auto)")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8 stores the language model's weights as int8: faster decoding, "
-                             "logits within a few percent of bf16 (default: none)")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                        help="int8 / int4 store the language model's weights in 8 / 4 bits: faster "
+                             "decoding, logits within the README's documented error (default: none)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

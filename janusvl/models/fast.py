@@ -1,9 +1,17 @@
-"""Fast paths for the LLaMA decoder: fused projections, pre-packed bf16 weights, int8 weights.
+"""Fast paths for the LLaMA decoder: fused projections, kernels picked per CPU, int8 weights.
 
 Decoding reads every weight once per token, so its speed is the speed of the matrix-vector
-products. On CPUs, oneDNN runs bf16 products ~2.5x faster when the weight is pre-packed into its
-blocked layout, and the result is bit-identical to `F.linear` (same kernel, same accumulation
-order; tests/test_fast.py checks it). Fusing q/k/v and gate/up saves kernel launches per token.
+products. Fusing q/k/v and gate/up saves kernel launches per token. Which kernel then runs the
+products depends on the CPU, and is measured once per process (`pick_kernel`):
+
+- With native bf16 (AVX-512 BF16, AMX): oneDNN's packed bf16 product, ~2.5x faster than plain
+  `F.linear` for one row and bit-identical to it (same kernel, same accumulation order).
+- Without it (AVX2): torch's bf16 product is a fast matrix-vector loop for one row but a scalar
+  loop for 2 or more (a 2048x5632 product with 8 rows at 2.6 GB/s, one row at 15.6), and prompts
+  paid for widening every weight to fp32 per call. fbgemm's fp16-weight kernel reads the same
+  bytes as bf16, computes in fp32 and vectorises any number of rows (25 GB/s for one row, 8 rows
+  at 4x the work of one in the same time): `HalfLinear`.
+
 int8 quantisation (one scale per output row) halves the bytes read again.
 """
 
@@ -13,12 +21,14 @@ import ctypes
 import functools
 import os
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from .layers import linear, native_bf16
+from .layers import Linear, emulated, linear, native_bf16
 from .llama import LlamaForCausalLM
 
 
@@ -41,6 +51,54 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
                                                "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class HalfLinear(nn.Module):
+    """y = x W^T (+ b) in fp32 arithmetic, W held as fp16 in fbgemm's packed layout.
+
+    Exact weights: a bf16 value has 8 significant bits and fp16 11, so every weight of a row is an
+    fp16 value once the row is scaled by a power of two that puts its largest entry just under
+    fp16's top (checked at construction; `exact` says so). Scaling by a power of two commutes
+    exactly with fp32 products and sums, so after unscaling the output is the fp32 product of the
+    checkpoint's own weights rounded to the activation dtype: what a native bf16 kernel computes,
+    up to the order of the sums."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach()
+        _, exponent = torch.frexp(weight.abs().amax(dim=1).float())  # row max < 2**exponent
+        shift = (15 - exponent).clamp(-100, 100).float()  # row max * 2**shift < 2**15 < 65504
+        self.exact = _fits_fp16(weight, shift)
+        w = weight.float().mul_(torch.exp2(shift)[:, None])
+        with warnings.catch_warnings():  # fbgemm warns when it saturates; `exact` already says whether it would
+            warnings.simplefilter("ignore")
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+        self.register_buffer("unscale", torch.exp2(-shift))
+        self.bias = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
+        y.mul_(self.unscale)  # exact: a power of two per output
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _fits_fp16(weight: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Whether every weight * 2**shift (per row; the largest under 2**15) is an fp16 value.
+    A bf16 value v has 8 significant bits: its last one is worth ulp(v) = 2**(floor(log2|v|) - 7),
+    and fp16 holds every multiple of 2**-24 below its top, so v fits when |v| >= 2**-17 once
+    scaled (or v is 0). Other dtypes are checked by converting."""
+    if weight.dtype != torch.bfloat16:
+        w = weight.float() * torch.exp2(shift)[:, None]
+        return bool(torch.equal(w.half().float(), w))
+    smallest = torch.exp2(-17 - shift).to(torch.bfloat16)[:, None]  # powers of two: exact in bf16
+    return bool(((weight.abs() >= smallest) | (weight == 0)).all())
+
+
+def has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 class Int8Linear(nn.Module):
@@ -74,6 +132,50 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Int4 weights in groups of `group_size` along the input dimension, each group with its own
+    scale and offset (asymmetric: w ~ (q - 8) * scale + zero, q in 0..15, scale and zero in bf16),
+    run by torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which unpacks on the fly and
+    computes in fp32: a quarter of bf16's bytes per weight, plus 4 bytes per group."""
+
+    GROUP_SIZES = (64, 32, 128)  # the first that divides the input width (64: 0.5 + 0.0625 B/weight)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = N, K = weight.shape
+        self.group_size = G = int4_group_size(K)
+        w = weight.detach().float().view(N, K // G, G)
+        low, high = w.amin(-1), w.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
+        q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(N, K)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
+        # [K/G, N, 2]: the kernel's layout of per-group (scale, zero)
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [N, K] in fp32 (for tests and error figures)."""
+        eye = torch.eye(self.in_features)  # fp32 in and out: no rounding of the weights
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size,
+                                                          self.scales_and_zeros.float()).T
+
+
+def int4_group_size(in_features: int) -> int:
+    for G in Int4Linear.GROUP_SIZES:
+        if in_features % G == 0:
+            return G
+    raise ValueError(f"int4 needs an input width divisible by 32, got {in_features}")
 
 
 # Rows up to which a call is memory bound (decode, batched decode, image-generation steps).
@@ -113,22 +215,100 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, (torch.cat(biases) if biases[0] is not None else None)
 
 
+class PlainLinear(nn.Module):
+    """The loaded weight through `layers.linear` (fused where `optimize` fuses)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def kernel_candidates(weight: torch.Tensor) -> dict[str, type[nn.Module]]:
+    """The kernels that may run `weight` on this CPU, all of them without a scalar fallback and
+    none changing the model's results beyond the order of fp32 sums. Where bf16 is native, only the
+    bit-identical ones: parity with DeepSeek's pipeline holds there to the bit."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    if can_pack(weight):
+        return {"onednn-bf16": PackedLinear, "torch": PlainLinear}
+    if emulated(weight) and has_fbgemm():
+        return {"fbgemm-fp16": HalfLinear}
+    return {}
+
+
+# Kernel names chosen in this process, by (dtype, candidates): measured once, reused for every model.
+_CHOSEN: dict[tuple[torch.dtype, tuple[str, ...]], str] = {}
+
+
+def pick_kernel(weight: torch.Tensor) -> tuple[str, type[nn.Module]] | None:
+    """The fastest candidate for decode-sized products (1 and 8 rows) of a weight of this model,
+    timed once per process; None when the loaded layers are already the right choice."""
+    candidates = kernel_candidates(weight)
+    if not candidates:
+        return None
+    key = (weight.dtype, tuple(candidates))
+    if key not in _CHOSEN:
+        if len(candidates) == 1:
+            _CHOSEN[key] = next(iter(candidates))
+        else:
+            _CHOSEN[key] = min(candidates, key=lambda name: _decode_cost(candidates[name](weight, None), weight))
+    name = _CHOSEN[key]
+    return name, candidates[name]
+
+
+def _decode_cost(layer: nn.Module, weight: torch.Tensor) -> float:
+    """Seconds for one product of 1 row plus one of 8 rows (best of three)."""
+    best = float("inf")
+    x = torch.randn(8, weight.shape[1]).to(weight.dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            layer(x[:1])
+            layer(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _exact_or_plain(kind: type[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """`kind` over the weight, or the plain layer for the rare weight fp16 cannot hold exactly
+    (a row spanning more than fp16's range): results never change for speed."""
+    layer = kind(weight, bias)
+    return layer if getattr(layer, "exact", True) else PlainLinear(weight, bias)
+
+
+QUANTIZE = (None, "int8", "int4")
+
+
 def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausalLM:
     """Rewrite the decoder's linear layers in place for inference; returns `lm`.
 
-    quantize=None keeps bf16 numerics exactly (fusing and packing only where it helps);
-    quantize="int8" stores every decoder projection and the LM head as int8 rows + scales.
+    quantize=None keeps the weights as loaded: q/k/v and gate/up are fused and every projection
+    runs in the kernel `pick_kernel` measured fastest for this CPU (bit-identical to the plain
+    path where bf16 is native; fp32 sums of the exact weights where it is emulated);
+    quantize="int8" stores every decoder projection and the LM head as int8 rows + scales;
+    quantize="int4" as int4 groups + scales and offsets.
+    The choice is recorded in `lm.kernel`.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    weight = lm.lm_head.weight
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if quantize == "int8":
-        make = Int8Linear
-    elif can_pack(weight):
-        make = PackedLinear
+        lm.kernel, make = "int8-fbgemm" if has_fbgemm() else "int8", Int8Linear
+    elif quantize == "int4":
+        lm.kernel, make = "int4", Int4Linear
     else:
-        return lm  # nothing faster than plain F.linear for this device and dtype
-    for layer in lm.model.layers:
+        sample = lm.model.layers[0].mlp.gate_proj.weight if len(lm.model.layers) else lm.lm_head.weight
+        picked = pick_kernel(sample)
+        if picked is None:
+            lm.kernel = "torch"
+            return lm  # nothing faster than plain F.linear for this device and dtype
+        lm.kernel, kind = picked
+        make = functools.partial(_exact_or_plain, kind)
+    release = lm.kernel != "torch"  # the plain kernel reads the loaded weights themselves
+
+    def rewrite(layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         sources = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
@@ -137,12 +317,30 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
         mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
         del mlp.gate_proj, mlp.up_proj
         mlp.down_proj = make(mlp.down_proj.weight, None)
-        release_pages(*(m.weight for m in sources))
-    source = lm.lm_head.weight
-    lm.lm_head = make(source, None)
-    if source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
-        release_pages(source)
+        if release:
+            release_pages(*(m.weight for m in sources))
+
+    def rewrite_head() -> None:
+        source = lm.lm_head.weight
+        lm.lm_head = make(source, None)
+        if release and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
+            release_pages(source)
+
+    # Packing is single-threaded inside fbgemm and oneDNN and releases the GIL: layers in parallel.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, layer) for layer in lm.model.layers]:
+            done.result()
     return lm
+
+
+def optimize_generation(gen_head: nn.Module, gen_aligner: nn.Module) -> None:
+    """Run the image-generation head and aligner (2n rows every step of an n-image batch) in
+    the kernel `pick_kernel` chose for this CPU; their weights stay as loaded in value."""
+    for parent in (gen_head, gen_aligner):
+        for owner in list(parent.modules()):
+            for name, child in list(owner.named_children()):
+                if type(child) in (nn.Linear, Linear) and (picked := pick_kernel(child.weight)) is not None:
+                    setattr(owner, name, _exact_or_plain(picked[1], child.weight, child.bias))
 
 
 def release_pages(*tensors: torch.Tensor) -> None:

@@ -1,11 +1,12 @@
-"""Relative error of int8 last-token logits against bf16, on any checkpoint.
+"""Relative error of int8 and int4 last-token logits against bf16, on any checkpoint.
 
-    python benchmarks/int8_error.py [MODEL]
+    python benchmarks/quant_error.py [MODEL]
 
 With no MODEL it uses the Janus-Pro-1B-sized random checkpoint that `janusvl bench` writes. Two
 prompts: the benchmark's image + question (prefill path: int8 weights x bf16 activations) and
-the same batch decoding 8 further tokens (decode path: fbgemm's dynamic int8 kernel). The error
-is the relative L2 norm ||int8 - bf16|| / ||bf16|| of the last-token logits, as in
+the same batch decoding 8 further tokens (decode path: fbgemm's dynamic int8 kernel; int4 runs
+torch's int4 kernel in both). The error is the relative L2 norm ||q - bf16|| / ||bf16|| of the
+last-token logits, as in
 tests/test_fast.py and the README.
 """
 
@@ -31,7 +32,7 @@ def main(model: str | None) -> None:
     processor = VLChatProcessor.from_pretrained(ckpt)
     inputs = _inputs(processor, 1)
     logits = {}
-    for quantize in (None, "int8"):
+    for quantize in (None, "int8", "int4"):
         vl = MultiModalityCausalLM.from_pretrained(ckpt, device="cpu", dtype="bfloat16")
         optimize(vl.language_model, quantize)
         with torch.inference_mode():
@@ -50,8 +51,10 @@ def main(model: str | None) -> None:
         logits[quantize] = (prefill, step[:, -1])
         del vl
     print(f"checkpoint: {ckpt}")
-    print(f"int8 vs bf16 last-token logits, relative L2 error: prefill {relative(logits[None][0], logits['int8'][0]):.4f}, "
-          f"decode (8-token step) {relative(logits[None][1], logits['int8'][1]):.4f}")
+    for quantize in ("int8", "int4"):
+        print(f"{quantize} vs bf16 last-token logits, relative L2 error: "
+              f"prefill {relative(logits[None][0], logits[quantize][0]):.4f}, "
+              f"decode (8-token step) {relative(logits[None][1], logits[quantize][1]):.4f}")
 
 
 if __name__ == "__main__":
