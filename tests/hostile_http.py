@@ -30,7 +30,7 @@ class Case:
     group: str
     body: bytes | None
     status: int
-    code: str | None = None  # the error's "code"; None: not checked (200s, protocol-level errors)
+    code: str | None = None  # the error's "code" (None for the 200s)
     path: str = CHAT
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
