@@ -44,9 +44,15 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: Path, port: int, extra: list[str], name: str = "bench",
+                 log: Path | None = None) -> subprocess.Popen:
+    """`janusvl serve` on 127.0.0.1:`port`, once healthy. Its stderr goes to `log` when given: in
+    a long run a pipe nobody reads fills up with warnings and blocks the server."""
+    stderr = log.open("w") if log else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, "-m", "janusvl", "serve", str(model), "--port", str(port),
-                             "--served-model-name", "bench", *extra], stderr=subprocess.PIPE, text=True)
+                             "--served-model-name", name, *extra], stderr=stderr, text=True)
+    if log:
+        stderr.close()  # the server holds its own copy
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -55,7 +61,7 @@ def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"the server exited: {log.read_text()[-2000:] if log else proc.stderr.read()}")
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not become healthy in 10 minutes")

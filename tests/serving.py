@@ -19,6 +19,7 @@ from PIL import Image
 
 from janusvl.engine import Engine, Metrics
 from janusvl.server.app import ServerOptions, ServerState, create_app
+from janusvl.server.guard import server_config
 
 
 def free_port() -> int:
@@ -49,8 +50,9 @@ class LiveServer:
         self.app = create_app(self.engine, ServerOptions(model_name=model_name, **options), self.state)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        config = server_config(self.app, "127.0.0.1", self.port, options.get("read_timeout", 30.0),
+                               log_level="warning")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

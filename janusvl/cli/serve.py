@@ -32,6 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for room before new ones get 429 (default: 64)")
     parser.add_argument("--max-body-mb", type=float, default=20, help="largest request body (default: 20)")
+    parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                        help="largest image (width x height, read from its header before decoding; "
+                             "default: 40000000)")
+    parser.add_argument("--read-timeout", type=float, default=30,
+                        help="seconds a client has to send a request's headers, and then its body "
+                             "(default: 30); slower clients get 408")
     parser.add_argument("--api-key", default=os.environ.get("JANUSVL_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(default: $JANUSVL_API_KEY; none)")
@@ -39,6 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="allow browser requests from ORIGIN (repeatable; default: none)")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs from public addresses (default: data: URLs only)")
+    parser.add_argument("--allow-special-tokens", action="store_true",
+                        help="read special-token strings in request text (<|Assistant|>, the EOS string, "
+                             "<image_placeholder>) as control tokens, as DeepSeek's pipeline does "
+                             "(default: ordinary text, so a user cannot end or forge a turn)")
     parser.add_argument("--image-cache-mb", type=float, default=256,
                         help="memory for cached image features (default: 256)")
     parser.add_argument("--drain-timeout", type=float, default=30,
@@ -47,12 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_queue"):
+    for name in ("max_batch", "max_queue", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_body_mb", "drain_timeout", "image_cache_mb"):
         if not getattr(args, name) >= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.read_timeout > 0:
+        raise CommandError(f"--read-timeout must be > 0, got {args.read_timeout}")
     if not 0 <= args.port < 65536:
         raise CommandError(f"--port must be in 0..65535, got {args.port}")
 
@@ -60,10 +72,9 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
-        import uvicorn
-
         from ..engine import Engine, Metrics
         from ..server.app import ServerOptions, ServerState, create_app
+        from ..server.guard import server_config
     except ImportError as exc:
         raise CommandError(f"serving needs the serve extra ({exc.name} is missing): "
                            f"pip install 'janusvl[serve]'") from None
@@ -74,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
     state = ServerState(ready=True)
     options = ServerOptions(model_name=name, api_key=args.api_key, cors_origins=args.cors_origin,
                             allow_remote_images=args.allow_remote_images,
-                            max_body_bytes=int(args.max_body_mb * 2**20))
+                            allow_special_tokens=args.allow_special_tokens,
+                            max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                            read_timeout=args.read_timeout)
     app = create_app(engine, options, state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    config = server_config(app, args.host, args.port, args.read_timeout, log_level="warning",
+                           timeout_graceful_shutdown=5)
     server = draining_server(config, engine, state, args.drain_timeout)
     status(f"Serving {name!r} on http://{args.host}:{server.config.port} (OpenAI API under /v1)")
     server.run()

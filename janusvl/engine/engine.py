@@ -1,7 +1,8 @@
 """The engine: one thread that owns the model and advances every request one step at a time.
 
 Each turn of its loop
-1. drops requests whose submitters gave up (their KV memory goes with them),
+1. drops requests whose submitters gave up (their KV memory goes with them; a prefill is also
+   dropped between two of its pieces),
 2. spends about `prefill_budget_s` on work in pieces: a vision block or a prompt chunk of the
    request being prefilled, or a VQ decoder block of an image request whose codes are drawn;
    when no row is decoding it runs whole prompts at once instead, exactly as `Janus.chat` does,
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,44 +34,12 @@ from ..models.kv_cache import RaggedBatch
 from .feature_cache import FeatureCache, content_key
 from .jobs import ChatJob, ImageJob, Job
 from .metrics import Metrics
+from .pacer import PrefillPacer
 from .requests import ChatRequest, Event, Failed, ImageRequest, Request
+from .stats import EngineStats, image_bytes, kv_totals
 
 if TYPE_CHECKING:
     from ..api import Janus
-
-
-class PrefillPacer:
-    """Sizes prompt chunks to fit what is left of the engine's time budget while other rows wait
-    to decode. A chunk's time is modelled as overhead + tokens x per-token cost, fitted to the
-    recent chunks: on CPUs without native bf16 each chunk pays a large fixed cost (the weights
-    are widened to fp32 per call), so time per token alone would shrink the chunks forever."""
-
-    def __init__(self, busy: Callable[[], bool]) -> None:
-        self.busy = busy
-        self.deadline = 0.0
-        self.samples: deque[tuple[int, float]] = deque(maxlen=12)
-
-    def size(self) -> int | None:
-        if not self.busy():
-            return None
-        sizes = {n for n, _ in self.samples}
-        if len(sizes) < 2:  # two different sizes make the model identifiable
-            return 32 if not sizes else (64 if 32 in sizes else 32)
-        overhead, per_token = self.fit()
-        remaining = self.deadline - time.perf_counter()
-        return int(min(max((remaining - overhead) / per_token, 16), 4096))
-
-    def fit(self) -> tuple[float, float]:
-        """(seconds per chunk, seconds per token), least squares over the recent chunks."""
-        n = torch.tensor([s[0] for s in self.samples], dtype=torch.float64)
-        t = torch.tensor([s[1] for s in self.samples], dtype=torch.float64)
-        dn = n - n.mean()
-        per_token = float((dn * (t - t.mean())).sum() / (dn * dn).sum().clamp(min=1e-9))
-        per_token = max(per_token, 1e-6)
-        return max(float(t.mean()) - per_token * float(n.mean()), 0.0), per_token
-
-    def record(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
 
 
 class Engine:
@@ -100,24 +70,33 @@ class Engine:
         self._finishing: deque[ImageJob] = deque()
         self._closed = False
         self._stop = False
+        # Weak: they tell what is still alive of what was submitted, without keeping it alive.
+        self._requests: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
+        self._jobs: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()
+        self.metrics.kv_bytes.set_function(lambda: kv_totals()[1])
         self._thread = threading.Thread(target=self._loop, name="janusvl-engine", daemon=True)
 
     # ------------------------------------------------------------------ building requests
 
     def chat_request(self, messages: Messages | str, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
-                     seed: int | None = None, stop: str | Sequence[str] | None = None) -> ChatRequest:
+                     seed: int | None = None, stop: str | Sequence[str] | None = None,
+                     plain_text: bool = False) -> ChatRequest:
         """Check and preprocess a conversation (images are opened and resized here, in the
-        caller's thread). `max_new_tokens` None allows what the context leaves."""
+        caller's thread). `max_new_tokens` None allows what the context leaves. With
+        `plain_text`, special-token strings in the messages' text are ordinary text (the server's
+        default: a user cannot end their turn or forge another by typing `<|Assistant|>`)."""
         from ..api import _stop_list
 
         params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         if not isinstance(n, int) or n < 1:
             raise InputError(f"n must be an integer >= 1, got {n!r}")
+        if plain_text:
+            messages = self.processor.plain_text.escape_messages(messages)
         prompt, images = self.janus.build_prompt(messages)
         keys = [content_key(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else None
                 for im in images]
-        one = self.processor.process_one(prompt=prompt, images=images)
+        one = self.processor.process_one(prompt=prompt, images=images, plain_text=plain_text)
         limit = self.model.config.language_config.max_position_embeddings
         if max_new_tokens is None:
             max_new_tokens = max(limit - len(one), 1)
@@ -127,11 +106,11 @@ class Engine:
                            stop=_stop_list(stop))
 
     def image_request(self, prompt: str, n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
-                      seed: int | None = None) -> ImageRequest:
+                      seed: int | None = None, plain_text: bool = False) -> ImageRequest:
         check_image_args(prompt, n, cfg_weight, temperature, seed)
         if n > self.max_images:
             raise InputError(f"n must be at most {self.max_images} images per request, got {n}")
-        ids = image_prompt_ids(self.model, self.processor, prompt, self.janus.roles)
+        ids = image_prompt_ids(self.model, self.processor, prompt, self.janus.roles, plain_text)
         return ImageRequest(prompt_ids=torch.tensor(ids, dtype=torch.long), n=n, cfg_weight=float(cfg_weight),
                             temperature=float(temperature), seed=seed)
 
@@ -157,6 +136,8 @@ class Engine:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise OverloadedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._waiting.append(job)
+            self._requests[request.id] = request
+            self._jobs[request.id] = job
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
 
@@ -167,6 +148,20 @@ class Engine:
     @property
     def running_rows(self) -> int:
         return sum(job.rows for job in self._running)
+
+    def stats(self) -> EngineStats:
+        """Queue and batch sizes, and the memory held by the requests submitted so far (objects
+        not yet freed anywhere in the process: after a request ends, nothing of it should be)."""
+        with self._cond:
+            waiting = len(self._waiting)
+            requests, jobs = list(self._requests.values()), list(self._jobs.values())
+        current = self._current  # read once: the engine's thread may clear it meanwhile
+        running = [*self._running, *self._finishing, *([current[0]] if current else [])]
+        caches, kv_bytes = kv_totals()
+        return EngineStats(waiting=waiting, running=len(running), rows=sum(j.rows for j in self._running),
+                           requests_alive=len(requests), jobs_alive=len(jobs), kv_caches=caches,
+                           kv_bytes=kv_bytes, image_bytes=image_bytes(requests, jobs),
+                           feature_cache_bytes=self.features.bytes)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop admitting, let the admitted requests finish for up to `timeout` seconds, then
@@ -200,10 +195,14 @@ class Engine:
                     if self._running:
                         self._decode()
                 except Exception as exc:  # noqa: BLE001 - a bug in the loop itself: fail what it held, go on
-                    for job in self._all_jobs(waiting=False):
-                        self._end(job, Failed(exc))
-        for job in self._all_jobs():
-            self._end(job, Failed(UnavailableError("the server shut down before this request finished")))
+                    self._fail_all(exc, waiting=False)
+        self._fail_all(UnavailableError("the server shut down before this request finished"))
+
+    def _fail_all(self, exc: BaseException, waiting: bool = True) -> None:
+        # A method of its own: a job left in a variable of `_loop`'s frame (which lives as long as
+        # the engine) would keep that request's memory alive.
+        for job in self._all_jobs(waiting):
+            self._end(job, Failed(exc))
 
     def _all_jobs(self, waiting: bool = True) -> list[Job]:
         """Take every job out of the engine (the waiting ones too, unless told otherwise)."""
@@ -223,17 +222,22 @@ class Engine:
             for job in gone:
                 self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
-        if self._current is not None and self._current[0].request.cancelled:
-            job, steps, _ = self._current
-            steps.close()
-            self._current = None
-            self._end(job, Failed(CancelledError("cancelled")))
+        self._drop_current_if_cancelled()
         for job in [j for j in (*self._running, *self._finishing) if j.request.cancelled]:
             if job in self._running:
                 self._running.remove(job)
             else:
                 self._finishing.remove(job)
             self._end(job, Failed(CancelledError("cancelled")))
+
+    def _drop_current_if_cancelled(self) -> bool:
+        if self._current is None or not self._current[0].request.cancelled:
+            return False
+        job, steps, _ = self._current
+        steps.close()
+        self._current = None
+        self._end(job, Failed(CancelledError("cancelled")))
+        return True
 
     def _work(self) -> None:
         """Prefill pieces and image decodings while rows are waiting to decode, as long as the
@@ -245,18 +249,26 @@ class Engine:
             if self._current is not None:
                 self._piece()
             elif self._finishing:
-                job = self._finishing.popleft()
-                self._current = (job, job.finish(), "finish")
+                self._start(self._finishing.popleft(), "finish")
             else:
                 job = self._admit()
                 if job is None:
                     return
                 self.metrics.running.inc()
                 job.admitted = True
-                self._current = (job, job.prefill(self.pacer), "prefill")
+                self._start(job, "prefill")
             now = time.perf_counter()
             if self._running and (now - start) + (now - began) > self.prefill_budget_s:
                 return
+
+    def _start(self, job: Job, kind: str) -> None:
+        """Make `job` the one worked on in pieces (its prefill, or its image decoding)."""
+        try:
+            steps = job.prefill(self.pacer) if kind == "prefill" else job.finish()
+        except Exception as exc:  # noqa: BLE001 - out of every list already: end it here or lose it
+            self._end(job, Failed(exc))
+            return
+        self._current = (job, steps, kind)
 
     def _admit(self) -> Job | None:
         """The first waiting request that fits next to the running ones (FIFO otherwise)."""
@@ -277,6 +289,8 @@ class Engine:
     def _piece(self) -> None:
         """One piece of the current job; when its prefill is done it joins the running batch."""
         assert self._current is not None
+        if self._drop_current_if_cancelled():  # its client left mid-prefill: stop between pieces
+            return
         job, steps, kind = self._current
         try:
             next(steps)

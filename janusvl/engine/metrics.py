@@ -33,7 +33,7 @@ class Metrics:
             self.registry = None
             for name in ("running", "waiting", "prompt_tokens", "generated_tokens", "ttft", "tpot",
                          "latency", "images", "image_steps", "rejected", "cache_hits", "cache_misses",
-                         "failed"):
+                         "failed", "kv_bytes"):
                 setattr(self, name, _Noop())
             return
         r = self.registry = prom.CollectorRegistry()
@@ -56,6 +56,8 @@ class Metrics:
         self.rejected = prom.Counter(p + "rejected_requests", "Requests refused, by reason", ["reason"],
                                      registry=r)
         self.failed = prom.Counter(p + "failed_requests", "Requests that failed inside the engine", registry=r)
+        self.kv_bytes = prom.Gauge(p + "kv_cache_bytes", "Memory held by KV caches (read when scraped)",
+                                   registry=r)
         self.cache_hits = prom.Counter(p + "image_cache_hits", "Images whose features came from the cache",
                                        registry=r)
         self.cache_misses = prom.Counter(p + "image_cache_misses", "Images encoded by the vision tower",

@@ -41,12 +41,17 @@ def image_prompt(processor: VLChatProcessor, prompt: str, roles: tuple[str, str]
 
 
 def image_prompt_ids(model: MultiModalityCausalLM, processor: VLChatProcessor, prompt: str,
-                     roles: tuple[str, str] | None = None) -> list[int]:
-    """The ids of `image_prompt`, checked to leave room in the context for the image's tokens."""
+                     roles: tuple[str, str] | None = None, plain_text: bool = False) -> list[int]:
+    """The ids of `image_prompt`, checked to leave room in the context for the image's tokens.
+    With `plain_text`, special-token strings in `prompt` are encoded as ordinary text."""
     if roles is not None and not (isinstance(roles, (tuple, list)) and len(roles) == 2
                                   and all(isinstance(r, str) and r for r in roles)):
         raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
-    ids = processor.tokenizer.encode(image_prompt(processor, prompt, roles))
+    if plain_text:
+        plain = processor.plain_text
+        ids = plain.encode(image_prompt(processor, plain.escape(prompt), roles))
+    else:
+        ids = processor.tokenizer.encode(image_prompt(processor, prompt, roles))
     steps = image_grid(model) ** 2
     limit = model.config.language_config.max_position_embeddings
     if len(ids) + steps > limit:

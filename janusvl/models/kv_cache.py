@@ -6,11 +6,29 @@ shapes stay fixed. The cache also remembers which positions hold real tokens, so
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from .layers import attention, emulated
+
+# Every cache not yet freed, wherever it is held: what lets a test (and Engine.stats) prove that
+# finished, cancelled and failed requests leave no KV memory behind.
+_LIVE: weakref.WeakSet[KVCache] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def _track(cache: KVCache) -> None:
+    with _LIVE_LOCK:
+        _LIVE.add(cache)
+
+
+def live_caches() -> list[KVCache]:
+    """The KV caches alive in this process now (a cache goes when its last reference does)."""
+    with _LIVE_LOCK:
+        return list(_LIVE)
 
 
 class KVCache:
@@ -36,6 +54,11 @@ class KVCache:
         self.length = 0
         self.growable = growable
         self.padded = False  # True once any row holds a masked position
+        _track(self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.valid))
 
     @property
     def batch(self) -> int:
@@ -110,6 +133,7 @@ class KVCache:
         out.v = [v.expand(n, -1, -1, -1).clone() for v in self.v]
         out.valid = self.valid.expand(n, -1).clone()
         out.length, out.growable, out.padded = self.length, self.growable, self.padded
+        _track(out)
         return out
 
     def select(self, rows: torch.Tensor) -> None:

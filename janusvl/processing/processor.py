@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from PIL import Image
 from ..errors import ConfigError, InputError
 from .image import VLMImageProcessor
 from .images_io import ImageSource, open_image
+from .plain_text import PlainText
 from .template import DEFAULT_SYSTEM_PROMPT, SFT_FORMATS, apply_sft_template
 from .tokenizer import JanusTokenizer
 
@@ -158,6 +160,11 @@ class VLChatProcessor:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{file}: invalid value: {exc}") from None
 
+    @cached_property
+    def plain_text(self) -> PlainText:
+        """Marks special-token strings in untrusted text so they are encoded as ordinary text."""
+        return PlainText(self.tokenizer)
+
     @property
     def image_token(self) -> str:
         return self.image_tag
@@ -197,11 +204,14 @@ class VLChatProcessor:
         prompt: str | None = None,
         conversations: Conversation | None = None,
         images: Sequence[ImageSource] | None = None,
+        plain_text: bool = False,
         **kwargs: Any,
     ) -> VLChatProcessorOutput:
         """Inputs for one sample. Give exactly one of `prompt` (already templated) or
-        `conversations`; `images` fill the image tags in order. Extra keyword arguments are
-        accepted and ignored, as DeepSeek's processor does."""
+        `conversations`; `images` fill the image tags in order. With `plain_text`, `prompt` holds
+        text escaped by `self.plain_text.escape`, whose special-token strings are encoded as
+        ordinary text (see `processing.plain_text`). Extra keyword arguments are accepted and
+        ignored, as DeepSeek's processor does."""
         if (prompt is None) == (conversations is None):
             raise InputError("give exactly one of prompt or conversations")
         if prompt is None:
@@ -209,7 +219,11 @@ class VLChatProcessor:
         if isinstance(images, (Image.Image, str, Path, bytes)):
             images = [images]
         images = list(images or [])
-        ids = self.tokenizer.encode(prompt)
+        if plain_text:
+            ids = self.plain_text.encode(prompt)
+            prompt = self.plain_text.restore(prompt)
+        else:
+            ids = self.tokenizer.encode(prompt)
         n_tags = ids.count(self.image_id)
         if n_tags != len(images):
             raise InputError(

@@ -94,6 +94,10 @@ class JanusTokenizer:
         named = [bos_token, eos_token, pad_token, unk_token, *extra_special_tokens]
         self._special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._special_ids |= {i for i in map(self.token_to_id, filter(None, named)) if i is not None}
+        # The same model without the added tokens: it spells "<|Assistant|>" as ordinary text.
+        # (`Tokenizer(model)` shares the BPE tables; it copies nothing large.)
+        self._plain = Tokenizer(backend.model)
+        self._plain.normalizer, self._plain.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> JanusTokenizer:
@@ -152,6 +156,13 @@ class JanusTokenizer:
         return sorted(self._special_ids)
 
     @property
+    def added_tokens(self) -> list[str]:
+        """Every string the tokenizer maps to one id wherever it appears, before BPE runs: BOS,
+        EOS, pad, the image tags, Janus-Pro's role tokens (special or not, they all act as
+        control tokens when they are found in text)."""
+        return [t.content for t in self._backend.get_added_tokens_decoder().values()]
+
+    @property
     def vocab(self) -> dict[str, int]:
         return self.get_vocab()
 
@@ -189,11 +200,20 @@ class JanusTokenizer:
         # Encode bare and add BOS/EOS ourselves, so a BOS post-processor in tokenizer.json
         # (present in some releases, absent in others) can neither double nor drop it.
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token:
+        return self.with_bos_eos(ids) if add_special_tokens else ids
+
+    def with_bos_eos(self, ids: list[int]) -> list[int]:
+        """`ids` with the BOS (and EOS) that `encode` puts around a text, per the config."""
+        if self.add_bos_token:
             ids = [self.bos_token_id, *ids]
-        if add_special_tokens and self.add_eos_token:
+        if self.add_eos_token:
             ids = [*ids, self.eos_token_id]
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` as ordinary text: added-token strings in it are spelled by BPE like any
+        other text instead of becoming their control token. No BOS."""
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
         """{"input_ids", "attention_mask"} as lists (a list of lists for a list of texts)."""

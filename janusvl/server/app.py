@@ -17,16 +17,15 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import ChatRequest, Delta, Engine, Failed, Finished, ImagesDone, Progress, RowDone
 from ..engine.requests import Event
-from ..errors import ImageLoadError, InputError, JanusError, OverloadedError, UnavailableError
-from .images import load_image_url
+from ..errors import ImageLoadError, JanusError
+from .errors import APIError, as_api_error, failure_response, install_error_handlers
+from .guard import RequestGuard
+from .images import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image, load_image_url
 from .schemas import ChatCompletionRequest, ImageGenerationRequest, Message as ChatMessage, error_responses
 
 # Seconds between checks that a client waiting for a whole answer is still there.
@@ -46,77 +45,10 @@ class ServerOptions:
     cors_origins: Sequence[str] = ()
     allow_remote_images: bool = False
     max_body_bytes: int = 20 * 2**20
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _as_api_error(exc: JanusError, param: str | None = None) -> APIError:
-    if isinstance(exc, OverloadedError):
-        return APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, UnavailableError):
-        return APIError(503, str(exc), "service_unavailable", code="shutting_down")
-    if isinstance(exc, ImageLoadError):
-        return APIError(400, f"bad image: {exc}", param=param, code="invalid_image")
-    if isinstance(exc, InputError):
-        return APIError(400, str(exc), param=param)
-    return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
-
-
-class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413: by Content-Length when it is given,
-    otherwise (chunked uploads) by reading the body, at most `limit` bytes, before the app runs."""
-
-    def __init__(self, app: ASGIApp, limit: int, metrics: Any = None) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                return await self._refuse(scope, send)
-            return await self.app(scope, receive, send)
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                return await self._refuse(scope, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        replay = iter(messages)
-
-        async def buffered() -> Message:
-            return next(replay, None) or await receive()
-
-        await self.app(scope, buffered, send)
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected.labels("too_large").inc()
-        mb = self.limit / 2**20
-        response = APIError(413, f"request body larger than {mb:g} MB (--max-body-mb)",
-                            code="body_too_large").response()
-        await response(scope, _drain_receive, send)
-
-
-async def _drain_receive() -> Message:
-    return {"type": "http.disconnect"}
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
+    read_timeout: float = 30.0  # seconds a client has for a request's head, and then for its body
+    # Off: special-token strings in request text are ordinary text (see processing.plain_text).
+    allow_special_tokens: bool = False
 
 
 class EventQueue:
@@ -143,12 +75,6 @@ def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _error_payload(exc: BaseException) -> dict[str, Any]:
-    err = _as_api_error(exc) if isinstance(exc, JanusError) else APIError(500, f"{type(exc).__name__}: {exc}",
-                                                                          "server_error")
-    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-
-
 def _png_b64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -164,8 +90,9 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes, metrics=metrics)
-    _install_error_handlers(app, metrics)
+    app.add_middleware(RequestGuard, limit=options.max_body_bytes, read_timeout=options.read_timeout,
+                       metrics=metrics)
+    install_error_handlers(app, metrics)
     auth = [Depends(_require_key(options.api_key, metrics))]
     size = engine.model.config.vision_config.image_size
     image_size = f"{size}x{size}"
@@ -185,7 +112,7 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
         try:
             engine.submit(request)
         except JanusError as exc:
-            raise _as_api_error(exc) from None
+            raise as_api_error(exc) from None
         return events
 
     page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
@@ -218,15 +145,14 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         _check_unsupported(body)
-        messages = await run_in_threadpool(_to_messages, body.messages, options.allow_remote_images,
-                                           options.max_body_bytes)
+        messages = await run_in_threadpool(_to_messages, body.messages, options)
         try:
             req = await run_in_threadpool(
                 engine.chat_request, messages, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
-                stop=body.stop)
+                stop=body.stop, plain_text=not options.allow_special_tokens)
         except JanusError as exc:
-            raise _as_api_error(exc, "messages" if isinstance(exc, ImageLoadError) else None) from None
+            raise as_api_error(exc, "messages" if isinstance(exc, ImageLoadError) else None) from None
         events = submit(req)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
         if body.stream:
@@ -244,12 +170,13 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
                            param="size", code="unsupported_size")
         if body.response_format != "b64_json":
             raise APIError(400, f"response_format {body.response_format!r} is not supported; use b64_json",
-                           param="response_format")
+                           param="response_format", code="invalid_value")
         try:
             req = await run_in_threadpool(engine.image_request, body.prompt, n=body.n,
-                                          cfg_weight=body.cfg_weight, temperature=body.temperature, seed=body.seed)
+                                          cfg_weight=body.cfg_weight, temperature=body.temperature, seed=body.seed,
+                                          plain_text=not options.allow_special_tokens)
         except JanusError as exc:
-            raise _as_api_error(exc, "prompt") from None
+            raise as_api_error(exc, "prompt") from None
         events = submit(req)
         if body.stream:
             return StreamingResponse(_stream_images(req, events, image_size), media_type="text/event-stream")
@@ -260,7 +187,7 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
 
 
 # What a POST route may answer besides 200 (validation errors are 400s, not FastAPI's 422s).
-API_ERRORS = (400, 401, 404, 413, 429, 500, 503)
+API_ERRORS = (400, 401, 404, 408, 413, 414, 415, 429, 431, 500, 503)
 
 
 def _openapi_without_422(app: FastAPI) -> None:
@@ -305,16 +232,17 @@ def _require_key(api_key: str | None, metrics: Any) -> Callable[[Request], None]
 def _check_unsupported(body: ChatCompletionRequest) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):
-            raise APIError(400, f"{name} is not supported (only 0)", param=name)
+            raise APIError(400, f"{name} is not supported (only 0)", param=name, code="unsupported_parameter")
     if body.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     if len(stops) > 16 or not all(stops):
-        raise APIError(400, "stop must be at most 16 non-empty strings", param="stop")
+        raise APIError(400, "stop must be at most 16 non-empty strings", param="stop", code="invalid_value")
 
 
-def _to_messages(messages: list[ChatMessage], allow_remote: bool, max_bytes: int) -> list[dict[str, Any]]:
-    """OpenAI messages -> janusvl's, with every image URL turned into its bytes."""
+def _to_messages(messages: list[ChatMessage], options: ServerOptions) -> list[dict[str, Any]]:
+    """OpenAI messages -> janusvl's, with every image URL turned into its bytes (checked to be an
+    image of a size the server takes before anything decodes it)."""
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role in ("system", "developer") else message.role
@@ -326,11 +254,13 @@ def _to_messages(messages: list[ChatMessage], allow_remote: bool, max_bytes: int
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
+            where = f"messages[{i}].content[{j}].image_url.url"
             try:
-                data = load_image_url(part.image_url.url, allow_remote, max_bytes)
+                data = load_image_url(part.image_url.url, options.allow_remote_images, options.max_body_bytes)
+                check_image(data, options.max_image_pixels)
             except ImageLoadError as exc:
-                raise APIError(400, f"bad image: {exc}", param=f"messages[{i}].content[{j}].image_url.url",
-                               code="invalid_image") from None
+                code = "image_too_large" if isinstance(exc, ImageTooLarge) else "invalid_image"
+                raise APIError(400, f"bad image: {exc}", param=where, code=code) from None
             parts.append({"type": "image", "image": data})
         out.append({"role": role, "content": parts})
     return out
@@ -348,7 +278,7 @@ async def _collect_chat(req: ChatRequest, events: EventQueue, head: dict[str, An
             elif isinstance(event, RowDone):
                 reasons[event.row] = event.finish_reason
             elif isinstance(event, Failed):
-                return _failure(event.error)
+                return failure_response(event.error)
             elif isinstance(event, Finished):
                 break
     finally:
@@ -361,12 +291,6 @@ async def _collect_chat(req: ChatRequest, events: EventQueue, head: dict[str, An
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _failure(exc: BaseException) -> JSONResponse:
-    payload = _error_payload(exc)
-    status = 500 if not isinstance(exc, JanusError) else _as_api_error(exc).status
-    return JSONResponse(payload, status_code=status)
 
 
 async def _stream_chat(req: ChatRequest, events: EventQueue, head: dict[str, Any],
@@ -388,7 +312,7 @@ async def _stream_chat(req: ChatRequest, events: EventQueue, head: dict[str, Any
             elif isinstance(event, RowDone):
                 yield chunk([{"index": event.row, "delta": {}, "finish_reason": event.finish_reason}])
             elif isinstance(event, Failed):
-                yield _sse(_error_payload(event.error))
+                yield _sse(as_api_error(event.error).payload())
                 break
             elif isinstance(event, Finished):
                 if include_usage:
@@ -406,7 +330,7 @@ async def _collect_images(req: Any, events: EventQueue, request: Request) -> Res
             if event is None:
                 return Response(status_code=499)
             if isinstance(event, Failed):
-                return _failure(event.error)
+                return failure_response(event.error)
             if isinstance(event, ImagesDone):
                 data = await run_in_threadpool(lambda: [{"b64_json": _png_b64(im)} for im in event.images])
                 return JSONResponse({"created": int(time.time()), "data": data})
@@ -430,43 +354,13 @@ async def _stream_images(req: Any, events: EventQueue, size: str) -> AsyncIterat
                     yield _sse({"type": "image_generation.completed", "index": i, "b64_json": b64,
                                 "size": size, "output_format": "png", "created_at": int(time.time())})
             elif isinstance(event, Failed):
-                yield _sse(_error_payload(event.error))
+                yield _sse(as_api_error(event.error).payload())
                 break
             elif isinstance(event, Finished):
                 break
         yield _sse("[DONE]")
     finally:
         req.cancel()
-
-
-def _install_error_handlers(app: FastAPI, metrics: Any) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status in (400, 404):  # 401, 429 and 503 are counted where they are decided
-            metrics.rejected.labels("invalid").inc()
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.rejected.labels("invalid").inc()
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
-        return APIError(400, message, param=param, code="invalid_value").response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
-
-    @app.exception_handler(JanusError)
-    async def janus_error(request: Request, exc: JanusError) -> JSONResponse:
-        return _as_api_error(exc).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
 
 
 __all__ = ["create_app", "ServerOptions", "ServerState", "APIError"]

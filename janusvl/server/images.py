@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import socket
 import time
@@ -18,10 +19,34 @@ import urllib.error
 import urllib.request
 from urllib.parse import urljoin, urlsplit
 
+from PIL import Image
+
 from ..errors import ImageLoadError
 
 MAX_REDIRECTS = 3
 FETCH_TIMEOUT_S = 15.0
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo (7300 x 5470) fits
+
+
+class ImageTooLarge(ImageLoadError):
+    """An image whose header claims more pixels than the server decodes."""
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Refuse bytes that are not an image, or whose size (read from the header, nothing
+    decoded) is empty or over `max_pixels`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        raise ImageTooLarge(f"the image is larger than this server takes ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for unreadable headers
+        raise ImageLoadError(f"not a readable image ({exc})") from None
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"the image is empty ({width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels; this server takes at most "
+                            f"{max_pixels:,} (--max-image-pixels)")
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

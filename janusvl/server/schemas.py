@@ -6,9 +6,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_SEED = 2**63 - 1
+
+
+def _unicode(value: str) -> str:
+    # JSON can carry a lone surrogate ("\\ud800"), which no UTF-8 text (nor the tokenizer) can take.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate at character {exc.start}, which is not valid Unicode "
+                         "text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Body(BaseModel):
@@ -19,7 +32,7 @@ class _Body(BaseModel):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Body):
@@ -37,8 +50,8 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(_Body):
@@ -46,7 +59,7 @@ class StreamOptions(_Body):
 
 
 class ChatCompletionRequest(_Body):
-    model: str | None = None
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -54,7 +67,7 @@ class ChatCompletionRequest(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = all (extension)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = Field(None, description="up to 16 strings")
+    stop: Text | list[Text] | None = Field(None, description="up to 16 strings")
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -65,8 +78,8 @@ class ChatCompletionRequest(_Body):
 
 
 class ImageGenerationRequest(_Body):
-    prompt: str = Field(min_length=1)
-    model: str | None = None
+    prompt: Text = Field(min_length=1)
+    model: Text | None = None
     n: int = Field(1, ge=1, le=16)
     size: Literal["384x384"] = Field("384x384", description="only 384x384, the released models' size")
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json (PNG)")
