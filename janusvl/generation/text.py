@@ -11,19 +11,8 @@ import torch
 from ..errors import InputError
 from ..models.kv_cache import KVCache
 from ..models.llama import LlamaForCausalLM
+from ..validation import check_length, integer
 from .sampling import SamplingParams, make_generator, sample
-
-
-def _check_length(lm: LlamaForCausalLM, prompt_len: int, max_new_tokens: int) -> None:
-    limit = lm.config.max_position_embeddings
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt_len + max_new_tokens > limit:
-        raise InputError(
-            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-            f"context of {limit} tokens (max_position_embeddings); lower max_new_tokens to at most "
-            f"{max(limit - prompt_len, 0)}"
-        )
 
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
@@ -71,7 +60,8 @@ def generate_tokens(
     closing the iterator. Rows are left-padded prompts. Arguments are checked now, not at the
     first step, so a bad request fails where it is made."""
     B, T, _ = inputs_embeds.shape
-    _check_length(lm, T, max_new_tokens)
+    max_new_tokens = check_length(T, max_new_tokens, lm.config.max_position_embeddings)
+    min_new_tokens = integer("min_new_tokens", min_new_tokens, minimum=0)
     device = inputs_embeds.device
     mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
         else attention_mask.to(device=device, dtype=torch.long)

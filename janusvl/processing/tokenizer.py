@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, InputError
+from ..validation import check_encodable
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -186,6 +187,7 @@ class JanusTokenizer:
         """Token ids of `text`; with add_special_tokens, exactly one BOS first (per the config)."""
         if not isinstance(text, str):
             raise InputError(f"encode takes a str, got {type(text).__name__}")
+        check_encodable("the text to encode", text)  # the tokenizer would raise a bare TypeError
         # Encode bare and add BOS/EOS ourselves, so a BOS post-processor in tokenizer.json
         # (present in some releases, absent in others) can neither double nor drop it.
         ids = self._backend.encode(text, add_special_tokens=False).ids
