@@ -21,6 +21,11 @@ MAX_SEED = 2**63 - 1
 # Below this, temperature-scaled logits overflow in half precision while the draw is, in effect,
 # greedy anyway; 0 asks for greedy decoding explicitly.
 MIN_TEMPERATURE = 1e-5
+# Images per generation call: each is two rows of the guided batch with a KV cache of ~600
+# positions (Janus-Pro-1B: ~240 MB per image in bf16), so 64 already asks for ~15 GB.
+MAX_IMAGES = 64
+# Guidance far beyond DeepSeek's 5 gives noise rather than a sharper image.
+MAX_CFG_WEIGHT = 100.0
 
 
 def _describe(value: object) -> str:

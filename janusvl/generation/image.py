@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import validation
 from ..errors import InputError
+from ..validation import MAX_CFG_WEIGHT, MAX_IMAGES
 from ..messages import detect_roles
 from ..models.janus import MultiModalityCausalLM
 from ..models.steps import Steps, finish
@@ -26,12 +27,6 @@ from .sampling import make_generator
 
 # Maps guided fp32 logits [n, V] to the next VQ code ids [n].
 Sampler = Callable[[torch.Tensor], torch.Tensor]
-
-# Images per call: each is two rows of the guided batch with a KV cache of ~600 positions
-# (Janus-Pro-1B: ~120 MB per image in bf16), so 64 already asks for ~8 GB.
-MAX_IMAGES = 64
-# Guidance far beyond DeepSeek's 5 gives noise, not a sharper image; and it scales logits.
-MAX_CFG_WEIGHT = 100.0
 
 
 def image_prompt(processor: VLChatProcessor, prompt: str, roles: tuple[str, str] | None = None) -> str:
