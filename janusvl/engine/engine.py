@@ -85,7 +85,7 @@ class Engine:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_images", max_images)):
             validation.integer(name, value, minimum=1)
         validation.number("image_cache_mb", image_cache_mb, minimum=0)
-        validation.number("prefill_budget_s", prefill_budget_s, above=0)
+        validation.number("prefill_budget_s", prefill_budget_s, minimum=0)
         self.janus = janus
         self.model, self.processor, self.tokenizer = janus.model, janus.processor, janus.tokenizer
         self.max_batch, self.max_queue, self.max_images = max_batch, max_queue, max_images

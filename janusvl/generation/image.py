@@ -99,11 +99,13 @@ def check_image_memory(model: MultiModalityCausalLM, n: int, prompt_tokens: int)
 def multinomial_sampler(temperature: float, generator: torch.Generator | None) -> Sampler:
     """DeepSeek's draw: one sample from softmax(logits / temperature) per row."""
     def draw(logits: torch.Tensor) -> torch.Tensor:
-        scaled = logits / temperature
-        # A small temperature can push half-precision logits past the largest finite value, and
-        # softmax would then give NaN; capping at that value leaves every finite logit unchanged.
-        scaled = torch.nan_to_num(scaled, posinf=torch.finfo(scaled.dtype).max)
-        probs = torch.softmax(scaled, dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if logits.dtype == torch.float16:
+            # A small temperature can scale float16 logits past its largest value (softmax then
+            # gives NaN): such rows are scaled in float32 instead, every other row as before.
+            overflow = torch.isinf(logits / temperature).any(-1, keepdim=True)
+            wide = torch.softmax(logits.float() / temperature, dim=-1).to(probs.dtype)
+            probs = torch.where(overflow, wide, probs)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return draw
 

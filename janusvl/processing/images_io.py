@@ -114,7 +114,7 @@ def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> byt
         raise ImageLoadError(f"{path}: no such image file") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL or an unencodable character in the path
         raise ImageLoadError(f"{path}: cannot read image file ({getattr(exc, 'strerror', None) or exc})") from None
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ImageLoadError(f"{path}: is a directory, not an image file")
@@ -122,6 +122,10 @@ def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> byt
             raise ImageLoadError(f"{path}: not a regular file (a pipe, device or socket); only files are read")
         limits = ImageLimits(max_bytes=max_bytes)
         _check_bytes(info.st_size, str(path), limits)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as f:
         data = _read_at_most(f, max_bytes + 1, path)
     _check_bytes(len(data), str(path), limits)  # it grew after the check
     return data
