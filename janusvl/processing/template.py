@@ -57,6 +57,7 @@ def apply_sft_template(
         content = message.get("content") or ""
         if not isinstance(content, str):
             raise InputError(f"conversations[{i}]['content'] must be a string, got {type(content).__name__}")
+        check_encodable(f"conversations[{i}]['role']", message["role"])
         check_encodable(f"conversations[{i}]['content']", content)
         messages.append((message["role"], content.strip()))
     return template(messages, system_prompt or "")
