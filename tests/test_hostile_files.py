@@ -19,33 +19,15 @@ from janusvl.cli import main
 from janusvl.cli.common import terminal_safe, write_stream
 from janusvl.loading.checkpoint import check_finite, load_model
 from janusvl.loading.convert import ConvertError, convert_checkpoint
-from janusvl.testing.checkpoint import config_dict, save_weights, write_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("hostile") / "ckpt", dtype=torch.bfloat16, seed=4)
-
-
-@pytest.fixture(scope="module")
-def state(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "model.safetensors"))
-
-
-def copy_configs(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, dst / f.name)
-    return dst
+from janusvl.testing.checkpoint import config_dict, save_weights
+from test_loading import bf16_dir, copy_without_weights, reference  # noqa: F401 - shared fixtures
 
 
 def sharded(src: Path, state: dict[str, torch.Tensor], dst: Path) -> tuple[Path, dict]:
     """`src` as two safetensors shards; returns the directory and its index (to edit)."""
-    root = copy_configs(src, dst)
+    root = copy_without_weights(src, dst)
     save_weights(state, root, "sharded-safetensors", shards=2)
-    index_file = root / "model.safetensors.index.json"
-    return root, json.loads(index_file.read_text())
+    return root, json.loads((root / "model.safetensors.index.json").read_text())
 
 
 def write_index(root: Path, index: dict) -> None:
@@ -55,8 +37,8 @@ def write_index(root: Path, index: dict) -> None:
 # --- shard paths ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
-def test_an_index_cannot_name_a_file_outside_the_checkpoint(ckpt, state, tmp_path: Path, where: str) -> None:
-    root, index = sharded(ckpt, state, tmp_path / "c")
+def test_an_index_cannot_name_a_file_outside_the_checkpoint(bf16_dir, reference, tmp_path: Path, where: str) -> None:
+    root, index = sharded(bf16_dir, reference, tmp_path / "c")
     second = sorted(set(index["weight_map"].values()))[1]
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(root / second, outside)  # the shard now lives beside the checkpoint, not in it
@@ -73,17 +55,17 @@ def test_an_index_cannot_name_a_file_outside_the_checkpoint(ckpt, state, tmp_pat
         load_model(root, device="cpu")
 
 
-def test_an_index_with_odd_values_is_a_checkpoint_error(ckpt, state, tmp_path: Path) -> None:
-    root, index = sharded(ckpt, state, tmp_path / "c")
+def test_an_index_with_odd_values_is_a_checkpoint_error(bf16_dir, reference, tmp_path: Path) -> None:
+    root, index = sharded(bf16_dir, reference, tmp_path / "c")
     index["weight_map"] = {k: ["list"] for k in index["weight_map"]}
     write_index(root, index)
     with pytest.raises(CheckpointError, match=r"shard names must be non-empty strings, got \['list'\]"):
         load_model(root, device="cpu")
 
 
-def test_hub_cache_symlinks_into_its_blob_store_still_load(ckpt, state, tmp_path: Path) -> None:
+def test_hub_cache_symlinks_into_its_blob_store_still_load(bf16_dir, reference, tmp_path: Path) -> None:
     """huggingface_hub's snapshots are symlinks into ../../blobs: that is not an escape."""
-    built, _ = sharded(ckpt, state, tmp_path / "built")
+    built, _ = sharded(bf16_dir, reference, tmp_path / "built")
     repo = tmp_path / "hub" / "models--deepseek-ai--Janus-Pro-1B"
     snapshot = repo / "snapshots" / ("0" * 40)
     (repo / "blobs").mkdir(parents=True)
@@ -93,7 +75,7 @@ def test_hub_cache_symlinks_into_its_blob_store_still_load(ckpt, state, tmp_path
         shutil.copy(f, blob)
         (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
     model = load_model(snapshot, device="cpu", dtype="auto")
-    assert torch.equal(model.language_model.lm_head.weight, state["language_model.lm_head.weight"])
+    assert torch.equal(model.language_model.lm_head.weight, reference["language_model.lm_head.weight"])
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -132,9 +114,8 @@ def test_configs_are_validated_across_fields(edit, message: str) -> None:
 
 
 @pytest.mark.parametrize("tokens", [100, 10**12])
-def test_num_image_tokens_must_match_the_vision_tower(ckpt, tmp_path: Path, tokens: int) -> None:
-    root = copy_configs(ckpt, tmp_path / "c")
-    shutil.copy(ckpt / "tokenizer.json", root / "tokenizer.json")
+def test_num_image_tokens_must_match_the_vision_tower(bf16_dir, tmp_path: Path, tokens: int) -> None:
+    root = copy_without_weights(bf16_dir, tmp_path / "c")
     processor_config = json.loads((root / "processor_config.json").read_text())
     (root / "processor_config.json").write_text(json.dumps({**processor_config, "num_image_tokens": tokens}))
     with pytest.raises(ConfigError, match=rf"num_image_tokens {tokens} disagrees with the vision tower in "
@@ -142,9 +123,8 @@ def test_num_image_tokens_must_match_the_vision_tower(ckpt, tmp_path: Path, toke
         VLChatProcessor.from_pretrained(root)
 
 
-def test_preprocessor_image_size_must_match_the_vision_tower(ckpt, tmp_path: Path) -> None:
-    root = copy_configs(ckpt, tmp_path / "c")
-    shutil.copy(ckpt / "tokenizer.json", root / "tokenizer.json")
+def test_preprocessor_image_size_must_match_the_vision_tower(bf16_dir, tmp_path: Path) -> None:
+    root = copy_without_weights(bf16_dir, tmp_path / "c")
     pre = json.loads((root / "preprocessor_config.json").read_text())
     (root / "preprocessor_config.json").write_text(json.dumps({**pre, "image_size": 512}))
     with pytest.raises(ConfigError, match=r"preprocessor_config\.json image_size 512 disagrees with config\.json"):
@@ -154,12 +134,12 @@ def test_preprocessor_image_size_must_match_the_vision_tower(ckpt, tmp_path: Pat
 # --- non-finite weights ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weights_are_refused_by_name(ckpt, state, tmp_path: Path, bad: float) -> None:
+def test_non_finite_weights_are_refused_by_name(bf16_dir, reference, tmp_path: Path, bad: float) -> None:
     key = "language_model.model.layers.1.mlp.up_proj.weight"
-    edited = dict(state)
-    edited[key] = state[key].clone()
+    edited = dict(reference)
+    edited[key] = reference[key].clone()
     edited[key][3, 5] = bad
-    root = copy_configs(ckpt, tmp_path / "c")
+    root = copy_without_weights(bf16_dir, tmp_path / "c")
     save_file(edited, str(root / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{key}' holds NaN or infinite values; "
                                               "pass allow_nonfinite=True"):
@@ -180,13 +160,13 @@ def test_a_sum_that_overflows_is_not_mistaken_for_infinity() -> None:
 
 # --- convert --force ------------------------------------------------------------------------------
 
-def test_force_never_deletes_a_folder_of_other_files(ckpt, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_force_never_deletes_a_folder_of_other_files(bf16_dir, tmp_path: Path, monkeypatch, capsys) -> None:
     work = tmp_path / "project"
     work.mkdir()
     for name in ("main.py", "notes.txt", "config.json"):
         (work / name).write_text(name)
     monkeypatch.chdir(work)
-    assert main(["convert", str(ckpt), ".", "--force"]) == 1
+    assert main(["convert", str(bf16_dir), ".", "--force"]) == 1
     err = capsys.readouterr().err
     assert "does not hold a previous conversion (it holds 'main.py', which a conversion does not write)" in err
     assert sorted(p.name for p in work.iterdir()) == ["config.json", "main.py", "notes.txt"]
@@ -197,24 +177,24 @@ def test_force_never_deletes_a_folder_of_other_files(ckpt, tmp_path: Path, monke
     ("photo.jpg", "it holds 'photo.jpg'"),
     ("sub/", "it holds 'sub'"),
 ])
-def test_a_previous_conversion_with_anything_else_is_kept(ckpt, tmp_path: Path, extra: str, reason: str) -> None:
-    dst = convert_checkpoint(ckpt, tmp_path / "out")
+def test_a_previous_conversion_with_anything_else_is_kept(bf16_dir, tmp_path: Path, extra: str, reason: str) -> None:
+    dst = convert_checkpoint(bf16_dir, tmp_path / "out")
     if extra.endswith("/"):
         (dst / extra).mkdir()
     else:
         (dst / extra).write_bytes(b"mine")
     before = sorted(p.name for p in dst.iterdir())
     with pytest.raises(ConvertError, match=rf"\({reason}, which a conversion does not write\)"):
-        convert_checkpoint(ckpt, dst, force=True)
+        convert_checkpoint(bf16_dir, dst, force=True)
     assert sorted(p.name for p in dst.iterdir()) == before
 
 
-def test_force_needs_config_and_weights(ckpt, tmp_path: Path) -> None:
+def test_force_needs_config_and_weights(bf16_dir, tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "config.json").write_text("{}")
     with pytest.raises(ConvertError, match=r"\(it has no model\.safetensors or model\.safetensors\.index\.json\)"):
-        convert_checkpoint(ckpt, dst, force=True)
+        convert_checkpoint(bf16_dir, dst, force=True)
     assert [p.name for p in dst.iterdir()] == ["config.json"]
 
 
