@@ -369,3 +369,34 @@ def test_the_advice_names_what_fits() -> None:
         validation.check_length(100, 5, 100)
     with pytest.raises(InputError, match=r"remove images \(578 tokens each\) and shorten the text, 905 tokens in all$"):
         validation.check_length(1000, 5, 100, images=1, tokens_per_image=578)
+
+
+def test_ids_and_samples_handed_back_in_are_checked(janus, tiny) -> None:
+    tokenizer, processor, model = tiny
+    for ids, message in (([-1], r"^ids\[0\] must be >= 0, got -1"), ([5, 2**40], r"^ids\[1\] must be at most"),
+                         ([1.5], r"^ids\[0\] must be an integer, got 1.5"), (None, "^decode takes a sequence")):
+        with pytest.raises(InputError, match=message):
+            tokenizer.decode(ids)
+    with pytest.raises(InputError, match=r"^outputs\[0\] is a dict, not a process_one output"):
+        processor.batchify([{"input_ids": [1]}])
+    from janusvl.generation.image import decode_image_tokens
+
+    with pytest.raises(InputError, match=r"^tokens must be code ids in 0\.\.16383"):
+        decode_image_tokens(model, torch.full((1, 576), 16384))
+    with pytest.raises(InputError, match="^tokens must be integer code ids, got torch.float32"):
+        decode_image_tokens(model, torch.zeros(1, 576))
+    batch = processor(prompt="Hi")
+    embeds = model.prepare_inputs_embeds(**batch)
+    with pytest.raises(InputError, match=r"^eos_token_id\[1\] must be an integer, got 'x'"):
+        model.language_model.generate(inputs_embeds=embeds, max_new_tokens=1, eos_token_id=[1, "x"])
+    with pytest.raises(InputError, match="^pad_token_id must be an integer"):
+        model.language_model.generate(inputs_embeds=embeds, max_new_tokens=1, pad_token_id=2.5)
+
+
+def test_batch_settings_are_checked() -> None:
+    from janusvl.batch.jobs import Backend
+
+    with pytest.raises(InputError, match="^replicas must be an integer, got True"):
+        Backend("ray", replicas=True)
+    with pytest.raises(InputError, match="^cpus_per_replica must be a number, got '2'"):
+        Backend("ray", cpus_per_replica="2")

@@ -176,8 +176,13 @@ def decode_image_tokens_steps(model: MultiModalityCausalLM, tokens: torch.Tensor
                               chunk: int = 8) -> Steps[list[Image.Image]]:
     """`decode_image_tokens` in pieces (one VQ decoder block per step), for the serving engine."""
     grid = image_grid(model)
-    if tokens.dim() != 2 or tokens.shape[1] != grid * grid:
-        raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != grid * grid:
+        raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(getattr(tokens, 'shape', []))}")
+    codes = model.config.gen_vision_config.image_token_size
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputError(f"tokens must be integer code ids, got {tokens.dtype}")
+    if tokens.numel() and not bool(((tokens >= 0) & (tokens < codes)).all()):
+        raise InputError(f"tokens must be code ids in 0..{codes - 1}")
     vq = model.gen_vision_model
     images: list[Image.Image] = []
     for part in tokens.to(model.device).split(chunk):

@@ -81,7 +81,7 @@ class VLMImageProcessor:
 
     def resize(self, image: Image.Image) -> np.ndarray:
         """Resize the long side to image_size (bicubic), centre on a square canvas; uint8 [3, S, S]."""
-        image = to_rgb(image)
+        image = image if image.mode == "RGB" else to_rgb(image)  # resize copies: no need to twice
         width, height = image.size
         longest = max(width, height)
         # Division first, then int(): DeepSeek truncates, where transformers rounds.

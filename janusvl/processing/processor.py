@@ -284,8 +284,11 @@ class VLChatProcessor:
 
     def batchify(self, outputs: Sequence[VLChatProcessorOutput]) -> BatchedVLChatProcessorOutput:
         """Left-pad a list of samples into one batch with the masks the model needs (spec 4.4)."""
-        if not outputs:
-            raise InputError("batchify needs at least one sample")
+        if not outputs or isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
+            raise InputError("batchify needs a non-empty list of samples (from process_one)")
+        for i, out in enumerate(outputs):
+            if not isinstance(out, VLChatProcessorOutput):
+                raise InputError(f"outputs[{i}] is a {type(out).__name__}, not a process_one output")
         B = len(outputs)
         T = max(len(o) for o in outputs)
         max_images = max(1, max(len(o.num_image_tokens) for o in outputs))
