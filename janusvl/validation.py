@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 from .errors import InputError
@@ -18,8 +19,8 @@ from .errors import InputError
 # torch.Generator.manual_seed takes any 64-bit value; the OpenAI-style API takes a non-negative
 # int64, and one range for every entry point keeps a seed valid wherever it is reused.
 MAX_SEED = 2**63 - 1
-# Below this, temperature-scaled logits overflow in half precision while the draw is, in effect,
-# greedy anyway; 0 asks for greedy decoding explicitly.
+# Below this a draw is greedy in all but name, and scaled logits overflow half precision; 0 asks
+# for greedy decoding explicitly.
 MIN_TEMPERATURE = 1e-5
 # Images per generation call: each is two rows of the guided batch with a KV cache of ~600
 # positions (Janus-Pro-1B: ~240 MB per image in bf16), so 64 already asks for ~15 GB.
@@ -186,8 +187,6 @@ def _available_ram() -> int | None:
     except OSError:
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None

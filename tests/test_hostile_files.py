@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from janusvl import CheckpointError, ConfigError, JanusConfig, MultiModalityCausalLM, VLChatProcessor
 from janusvl.cli import main
