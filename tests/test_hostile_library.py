@@ -255,3 +255,12 @@ def test_batch_settings_are_checked() -> None:
         Backend("ray", replicas=True)
     with pytest.raises(InputError, match="^cpus_per_replica must be a number, got '2'"):
         Backend("ray", cpus_per_replica="2")
+
+
+def test_a_vanishing_top_p_keeps_the_likeliest_token() -> None:
+    """Found by the property tests: top_p 5e-285 is 0 in float32, which dropped every token."""
+    from janusvl.generation.sampling import sample
+
+    logits = torch.tensor([[0.0], [2.0]]).reshape(1, 2)
+    params = SamplingParams(temperature=1.0, top_p=5e-285)
+    assert sample(logits, params, torch.Generator().manual_seed(0)).tolist() == [1]

@@ -242,7 +242,7 @@ logits_arrays = st.integers(1, 3).flatmap(lambda b: st.integers(1, 40).flatmap(
 
 @checks(300)
 @given(logits=logits_arrays, temperature=st.sampled_from([0.0, 1e-5, 0.7, 1.0, 50.0]) | numbers,
-       top_p=st.sampled_from([1.0, 0.9, 1e-3]) | numbers, top_k=st.sampled_from([0, 1, 5]) | numbers)
+       top_p=st.sampled_from([1.0, 0.9, 1e-3, 1e-45, 5e-285]) | numbers, top_k=st.sampled_from([0, 1, 5]) | numbers)
 def test_sampler(logits: torch.Tensor, temperature, top_p, top_k) -> None:
     ok, params = works_or_janus_error(SamplingParams, temperature=temperature, top_p=top_p, top_k=top_k)
     if not ok:

@@ -39,6 +39,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass.
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        # The likeliest token always stays (as transformers keeps min_tokens_to_keep=1): a top_p
+        # below float32's smallest value compares as 0 and would otherwise drop every token.
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
