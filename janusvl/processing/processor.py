@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..config import JanusConfig
 from ..errors import ConfigError, InputError
 from ..validation import text
 from .image import VLMImageProcessor
@@ -179,17 +180,15 @@ class VLChatProcessor:
             raise ConfigError(f"{file}: invalid value: {exc}") from None
         model_config = read_json_object(path / "config.json")
         if model_config.get("model_type") == "multi_modality":  # DeepSeek's layout: check them together
-            from ..config import JanusConfig
-
             try:
                 processor.check_model(JanusConfig.from_dict(model_config))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
         return processor
 
-    def check_model(self, config: Any) -> None:
-        """Refuse a processor whose images the model described by `config` (a JanusConfig)
-        cannot take: every image must give exactly one embedding row per image token."""
+    def check_model(self, config: JanusConfig) -> None:
+        """Refuse a processor whose images the model described by `config` cannot take: every
+        image must give exactly one embedding row per image token."""
         vision = config.vision_config
         if self.num_image_tokens != vision.num_patches:
             raise ConfigError(
