@@ -25,16 +25,19 @@ def load_pretrained_model(
     model_path: str | Path,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[JanusTokenizer, VLChatProcessor, MultiModalityCausalLM]:
     """DeepSeek's loader: `(tokenizer, vl_chat_processor, vl_gpt)` from a directory or Hub id.
     `device` None picks cuda, then mps, then cpu; `dtype` None is bfloat16, as DeepSeek's loader
-    casts the model to (`vl_gpt.to(torch.bfloat16).cuda()`), "auto" the checkpoint's dtype."""
+    casts the model to (`vl_gpt.to(torch.bfloat16).cuda()`), "auto" the checkpoint's dtype.
+    Weights holding NaN or infinity are refused unless `allow_nonfinite=True`."""
     from .loading.checkpoint import load_model
     from .loading.hub import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
     processor = VLChatProcessor.from_pretrained(root)
-    model = load_model(root, device=device, dtype=torch.bfloat16 if dtype is None else dtype)
+    model = load_model(root, device=device, dtype=torch.bfloat16 if dtype is None else dtype,
+                       allow_nonfinite=allow_nonfinite)
     return processor.tokenizer, processor, model
 
 

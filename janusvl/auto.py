@@ -127,13 +127,14 @@ def deepseek_from_pretrained(caller: str, model_path: str | Path, device: Any = 
     """DeepSeek's loading call: float32 unless a dtype is given ("auto": the checkpoint's own),
     on the CPU unless a device is given ("auto": cuda, mps, then cpu). Accepts transformers'
     names `torch_dtype`, `device_map`, `config`, `language_config`, `attn_implementation`,
-    `revision`; `trust_remote_code` and `low_cpu_mem_usage` change nothing; anything else is an
-    InputError naming it."""
+    `revision`, and janusvl's `allow_nonfinite` (load weights holding NaN or infinity);
+    `trust_remote_code` and `low_cpu_mem_usage` change nothing; anything else is an InputError
+    naming it."""
     from .loading.checkpoint import load_model
     from .loading.hub import resolve_checkpoint
 
     supported = ["device", "dtype", "torch_dtype", "device_map", "config", "language_config",
-                 "attn_implementation", "revision", *IGNORED]
+                 "attn_implementation", "revision", "allow_nonfinite", *IGNORED]
     unknown = [k for k in kwargs if k not in supported]
     if unknown:
         raise _unsupported(caller, unknown, supported)
@@ -144,7 +145,8 @@ def deepseek_from_pretrained(caller: str, model_path: str | Path, device: Any = 
     if any(kwargs.get(k) is not None for k in ("config", "language_config", "attn_implementation")):
         config = _edited_config(root, kwargs)
     return load_model(root, device=device, dtype=torch.float32 if dtype is None else dtype,
-                      revision=kwargs.get("revision"), config=config)
+                      revision=kwargs.get("revision"), config=config,
+                      allow_nonfinite=bool(kwargs.get("allow_nonfinite", False)))
 
 
 def _edited_config(root: Path, kwargs: dict[str, Any]) -> JanusConfig:

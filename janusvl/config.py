@@ -74,6 +74,29 @@ def _take(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# (smallest, largest) value per key. Zero or a negative size cannot build a model, and values far
+# beyond any Janus release are refused before memory is allocated for them.
+_DIM = (1, 2**17)
+_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
+    "vision_config.params": {"image_size": (1, 4096)},
+    "aligner_config.params": {"depth": (1, 64), "input_dim": _DIM, "n_embed": _DIM},
+    "gen_aligner_config.params": {"depth": (1, 64), "input_dim": _DIM, "n_embed": _DIM},
+    "gen_vision_config.params": {"image_token_size": (1, 2**22), "n_embed": (1, 4096),
+                                 "base_channels": (1, 4096), "z_channels": (1, 4096), "num_res_blocks": (1, 64)},
+    "gen_head_config.params": {"n_embed": _DIM, "image_token_embed": _DIM, "image_token_size": (1, 2**22)},
+    "language_config": {"vocab_size": (1, 2**22), "hidden_size": _DIM, "intermediate_size": (1, 2**19),
+                        "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+                        "num_key_value_heads": (1, 1024), "max_position_embeddings": (1, 2**21)},
+}
+
+
+def _check_limits(section: str, cfg: Any) -> None:
+    for key, (low, high) in _LIMITS[section].items():
+        value = getattr(cfg, key)
+        if not low <= value <= high:
+            raise ConfigError(f"config.json: {section}.{key} must be in [{low}, {high}], got {value}")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     model_name: str = "siglip_large_patch16_384"
@@ -174,19 +197,21 @@ class JanusConfig:
                     "gen_head_config", "language_config"):
             if key not in data:
                 raise ConfigError(f"config.json: missing section {key!r}")
-        return cls(
+        head = _take(GenHeadConfig, "gen_head_config.params",
+                     _params("gen_head_config", data["gen_head_config"], {"vision_head"}))
+        _check_limits("gen_head_config.params", head)
+        config = cls(
             vision_config=_vision(data["vision_config"]),
             aligner_config=_aligner("aligner_config", data["aligner_config"]),
             gen_vision_config=_gen_vision(data["gen_vision_config"]),
             gen_aligner_config=_aligner("gen_aligner_config", data["gen_aligner_config"]),
-            gen_head_config=_take(
-                GenHeadConfig, "gen_head_config",
-                _params("gen_head_config", data["gen_head_config"], {"vision_head"}),
-            ),
+            gen_head_config=head,
             language_config=_language(data["language_config"]),
             torch_dtype=data.get("torch_dtype"),
             raw=data,
         )
+        _check_together(config)
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> JanusConfig:
@@ -207,6 +232,7 @@ def _vision(raw: dict[str, Any]) -> VisionConfig:
     params = _params("vision_config", raw, {"CLIPVisionTower"})
     cfg = _take(VisionConfig, "vision_config.params", params)
     _expect("vision_config.params", "model_name", cfg.model_name, set(VISION_MODELS))
+    _check_limits("vision_config.params", cfg)
     if cfg.image_size % cfg.spec.patch_size:
         raise ConfigError(
             f"config.json: vision_config.params.image_size {cfg.image_size} is not a multiple of "
@@ -223,16 +249,27 @@ def _vision(raw: dict[str, Any]) -> VisionConfig:
 def _aligner(section: str, raw: dict[str, Any]) -> AlignerConfig:
     cfg = _take(AlignerConfig, f"{section}.params", _params(section, raw, {"MlpProjector"}))
     _expect(f"{section}.params", "projector_type", cfg.projector_type, {"identity", "linear", "mlp_gelu"})
-    if cfg.depth < 1:
-        raise ConfigError(f"config.json: {section}.params.depth must be >= 1, got {cfg.depth}")
+    _check_limits(f"{section}.params", cfg)
     return cfg
 
 
 def _gen_vision(raw: dict[str, Any]) -> GenVisionConfig:
     params = dict(_params("gen_vision_config", raw, {"VQ-16"}))
     if "channel_multiplier" in params:
-        params["channel_multiplier"] = tuple(int(m) for m in params["channel_multiplier"])
-    return _take(GenVisionConfig, "gen_vision_config.params", params)
+        mult = params["channel_multiplier"]
+        if not (isinstance(mult, list) and 1 <= len(mult) <= 8
+                and all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 64 for m in mult)):
+            raise ConfigError("config.json: gen_vision_config.params.channel_multiplier must be a list of 1 to 8 "
+                              f"integers in [1, 64], got {mult!r:.60}")
+        params["channel_multiplier"] = tuple(mult)
+    cfg = _take(GenVisionConfig, "gen_vision_config.params", params)
+    _check_limits("gen_vision_config.params", cfg)
+    # Every VQ block normalises with GroupNorm(32 groups).
+    odd = [m for m in cfg.channel_multiplier if cfg.base_channels * m % 32]
+    if odd:
+        raise ConfigError(f"config.json: gen_vision_config.params.base_channels {cfg.base_channels} x "
+                          f"channel_multiplier {odd[0]} is not a multiple of 32 (GroupNorm's groups)")
+    return cfg
 
 
 def _language(raw: dict[str, Any]) -> LanguageConfig:
@@ -249,11 +286,39 @@ def _language(raw: dict[str, Any]) -> LanguageConfig:
         raise ConfigError(f"config.json: language_config.rope_scaling {scaling!r} is not supported")
     if raw.get("mlp_bias"):
         raise ConfigError("config.json: language_config.mlp_bias true is not supported")
-    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ConfigError(
-            "config.json: language_config hidden_size must divide into num_attention_heads, "
-            "and num_attention_heads into num_key_value_heads"
-        )
-    if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
-        raise ConfigError("config.json: language_config.rms_norm_eps must be a positive number")
+    _check_limits("language_config", cfg)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"config.json: language_config.hidden_size {cfg.hidden_size} is not a multiple of "
+                          f"num_attention_heads {cfg.num_attention_heads} (head_dim must be whole)")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ConfigError(f"config.json: language_config.num_attention_heads {cfg.num_attention_heads} is not a "
+                          f"multiple of num_key_value_heads {cfg.num_key_value_heads}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config.json: language_config.{key} must be a positive number, got {value}")
     return cfg
+
+
+def _check_together(cfg: JanusConfig) -> None:
+    """The sections must fit each other: each projector maps what feeds it to the decoder's width,
+    and the generation head draws from the VQ codebook."""
+    D = cfg.language_config.hidden_size
+
+    def out_dim(a: AlignerConfig) -> int:
+        return a.input_dim if a.projector_type == "identity" else a.n_embed
+
+    pairs = [
+        ("aligner_config.params.input_dim", cfg.aligner_config.input_dim,
+         "the vision tower's width", cfg.vision_config.spec.width),
+        ("aligner_config.params.n_embed", out_dim(cfg.aligner_config), "language_config.hidden_size", D),
+        ("gen_aligner_config.params.input_dim", cfg.gen_aligner_config.input_dim,
+         "gen_vision_config.params.n_embed", cfg.gen_vision_config.n_embed),
+        ("gen_aligner_config.params.n_embed", out_dim(cfg.gen_aligner_config), "language_config.hidden_size", D),
+        ("gen_head_config.params.n_embed", cfg.gen_head_config.n_embed, "language_config.hidden_size", D),
+        ("gen_head_config.params.image_token_size", cfg.gen_head_config.image_token_size,
+         "gen_vision_config.params.image_token_size", cfg.gen_vision_config.image_token_size),
+    ]
+    for key, value, other, want in pairs:
+        if value != want:
+            raise ConfigError(f"config.json: {key} {value} disagrees with {other} {want}")

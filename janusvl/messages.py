@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .processing.processor import image_list
+from .validation import check_encodable, roles as check_roles
 from .processing.images_io import ImageSource
 from .processing.tokenizer import JanusTokenizer
 
@@ -46,15 +48,16 @@ def _image_source(part: Mapping[str, Any], where: str) -> ImageSource:
         source = url.get("url") if isinstance(url, Mapping) else url
     if source is None:
         raise InputError(f"{where}: image part has no image (expected 'image' or 'image_url.url')")
-    if isinstance(source, str) and source.startswith("file://"):
+    if isinstance(source, str) and source[:7].lower() == "file://":
         source = source[len("file://"):]
     return source
 
 
 def _content(message: Mapping[str, Any], where: str, image_tag: str) -> tuple[str, list[ImageSource]]:
     content = message.get("content")
-    images = list(message.get("images") or [])
+    images = image_list(message.get("images"), f"{where}.images")
     if content is None or isinstance(content, str):
+        check_encodable(f"{where}.content", content or "")
         return content or "", images
     if not isinstance(content, Sequence):
         raise InputError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
@@ -64,6 +67,7 @@ def _content(message: Mapping[str, Any], where: str, image_tag: str) -> tuple[st
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text" and isinstance(part.get("text"), str):
+            check_encodable(f"{where}.content[{j}].text", part["text"])
             pieces.append(part["text"])
         elif kind in ("image", "image_url"):
             images.append(_image_source(part, f"{where}.content[{j}]"))
@@ -95,9 +99,7 @@ def build_conversation(messages: Messages | str, roles: tuple[str, str],
     System messages (only before the first turn) replace the default system prompt. Turns must
     alternate user / assistant starting with the user, and end with a user turn (the assistant's
     open turn is added) or with DeepSeek's empty assistant turn. A bare string is one user turn."""
-    if not (isinstance(roles, Sequence) and len(roles) == 2
-            and all(isinstance(r, str) and r for r in roles)):
-        raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
+    roles = check_roles(roles)
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or not messages:

@@ -281,7 +281,7 @@ def test_imagine_prompts_errors(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b", "n": 0}\n')
     assert main(["imagine", str(tiny_dir), "--prompts", str(bad), "-o", str(tmp_path / "o")]) == 1
-    assert "bad.jsonl line 2: n must be an integer >= 1" in capsys.readouterr().err
+    assert "bad.jsonl line 2: n must be >= 1, got 0" in capsys.readouterr().err
     big = tmp_path / "big.jsonl"
     big.write_text('{"prompt": "a", "n": 5}\n')
     assert main(["imagine", str(tiny_dir), "--prompts", str(big), "-o", str(tmp_path / "o")]) == 1

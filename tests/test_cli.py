@@ -202,8 +202,8 @@ def test_demo_without_a_model_answers_about_the_demo_picture(tmp_path) -> None:
     (["--image", "{missing}", "hi"], "{missing}: no such image file"),
     (["--image", "{broken}", "hi"], "{broken}: not a readable image"),
     (["--max-new-tokens", "0", "hi"], "--max-new-tokens must be >= 1"),
-    (["--temperature", "-1", "hi"], "temperature must be a finite number >= 0"),
-    (["--top-p", "0", "hi"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1", "hi"], "--temperature must be >= 0, got -1"),
+    (["--top-p", "0", "hi"], "--top-p must be in (0, 1], got 0"),
     (["--device", "nonsense", "hi"], "--device 'nonsense': not a device name"),
 ])
 def test_bad_arguments_fail_before_loading(tmp_path, capsys, args: list[str], message: str) -> None:

@@ -216,18 +216,24 @@ def test_hf_layout_of_a_tied_checkpoint_gets_its_own_lm_head(tiny_dir, tmp_path)
     assert hf.lm_head.weight.data_ptr() != hf.model.language_model.embed_tokens.weight.data_ptr()
 
 
-def test_non_empty_destination_is_refused_unless_forced(bf16_dir, tmp_path) -> None:
+def test_non_empty_destination_is_refused_unless_forced(bf16_dir, reference, tmp_path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
     with pytest.raises(ConvertError, match="not empty"):
         convert_checkpoint(bf16_dir, dst)
+    # --force replaces only a previous conversion: a folder of someone's files is left alone.
+    with pytest.raises(ConvertError, match="does not hold a previous conversion \\(it has no config.json\\)"):
+        convert_checkpoint(bf16_dir, dst, force=True)
     assert [p.name for p in dst.iterdir()] == ["notes.txt"] and (dst / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []
 
-    convert_checkpoint(bf16_dir, dst, force=True)  # replaced as a whole: the old file is gone
-    assert "notes.txt" not in {p.name for p in dst.iterdir()} and (dst / "model.safetensors").is_file()
-    assert leftovers(tmp_path) == []
+    (dst / "notes.txt").unlink()
+    convert_checkpoint(bf16_dir, dst)
+    (dst / "model.safetensors").write_bytes(b"stale")  # the previous conversion, replaced as a whole
+    convert_checkpoint(bf16_dir, dst, force=True)
+    tensors, _ = read_output(dst)
+    assert all(torch.equal(tensors[k], v) for k, v in reference.items()) and leftovers(tmp_path) == []
 
 
 def test_empty_destination_is_used(bf16_dir, tmp_path) -> None:
@@ -305,12 +311,11 @@ def test_cli_to_hf_writes_what_the_library_writes(tiny_dir, tmp_path) -> None:
     assert json.loads(written["config.json"])["architectures"] == ["JanusForConditionalGeneration"]
 
 
-def test_cli_force_replaces_a_non_empty_destination(bf16_dir, reference, tmp_path, capsys) -> None:
-    dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "notes.txt").write_text("mine")
+def test_cli_force_replaces_a_previous_conversion(bf16_dir, reference, tmp_path, capsys) -> None:
+    dst = convert_checkpoint(bf16_dir, tmp_path / "out", max_shard_bytes=10**6)  # sharded
+    assert any(p.name.startswith("model-") for p in dst.iterdir())
     assert main(["convert", str(bf16_dir), str(dst), "--force"]) == 0
-    assert "notes.txt" not in {p.name for p in dst.iterdir()} and leftovers(tmp_path) == []
+    assert not any(p.name.startswith("model-") for p in dst.iterdir()) and leftovers(tmp_path) == []
     tensors, _ = read_output(dst)
     assert set(tensors) == set(reference) and all(torch.equal(tensors[k], v) for k, v in reference.items())
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..engine import Engine
 from ..engine.requests import ChatRequest
 from ..errors import ImageLoadError, JanusError
+from ..processing.images_io import read_image_file
 from .feed import Outcome, run_requests
 from .inputs import CaptionInput
 from .outputs import CAPTION_COLUMNS, caption_schema
@@ -81,8 +82,8 @@ class Captioner:
         """Read, decode and preprocess one row (in a pool thread); a bad row keeps its error."""
         try:
             image = row.image
-            if isinstance(image, str) and not image.startswith("data:"):
-                image = _read(Path(image))
+            if isinstance(image, str) and image[:5].lower() != "data:":
+                image = _read(Path(image), self.engine.janus.processor.image_limits.max_bytes)
             messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                      {"type": "text", "text": row.prompt}]}]
             return row, self.engine.chat_request(messages, **self.sampling)
@@ -104,10 +105,10 @@ class Captioner:
             yield from sorted(window, key=lambda p: p[1].prompt_tokens if isinstance(p[1], ChatRequest) else 0)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes (regular files only, size-capped); errors without the path, which the
+    row's id already names."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageLoadError("no such image file") from None
-    except OSError as exc:
-        raise ImageLoadError(f"cannot read image file ({exc.strerror or exc})") from None
+        return read_image_file(path, max_bytes)
+    except ImageLoadError as exc:
+        raise ImageLoadError(str(exc).removeprefix(f"{path}: ")) from None

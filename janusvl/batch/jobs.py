@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
+from .. import validation
 from ..errors import InputError
 from .caption import Captioner
 from .imagine import ImagineInput, Renderer, read_prompts
@@ -61,10 +62,9 @@ class Backend:
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {self.name!r}")
-        if not isinstance(self.replicas, int) or self.replicas < 1:
-            raise InputError(f"replicas must be an integer >= 1, got {self.replicas!r}")
-        if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
-            raise InputError("cpus per replica must be > 0 and gpus per replica >= 0")
+        validation.integer("replicas", self.replicas, minimum=1)
+        validation.number("cpus_per_replica", self.cpus_per_replica, above=0)
+        validation.number("gpus_per_replica", self.gpus_per_replica, minimum=0)
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -253,8 +253,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    validation.integer("batch_size", batch_size, minimum=1)
 
 
 def _note(message: str) -> None:

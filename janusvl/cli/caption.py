@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..batch import DEFAULT_PROMPT, caption_job
 from .backend import add_backend_options, backend_from_args, load_options, report
-from .common import CommandError, add_model_options, add_sampling_options, check_device, sampling_kwargs, status
+from .common import (CommandError, add_image_options, add_model_options, add_sampling_options, check_device,
+                     image_load_options, sampling_kwargs, status)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="threads decoding and preprocessing images ahead of the model (default: 4)")
     add_backend_options(parser)
     add_sampling_options(parser, max_new_tokens=256)
+    add_image_options(parser)
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -54,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     summary = caption_job(args.model, args.input, args.output, prompt=args.prompt, image_column=args.image_column,
                           prompt_column=args.prompt_column, id_column=args.id_column, batch_size=args.batch_size,
                           workers=args.workers, overwrite=args.overwrite, backend=backend_from_args(args),
-                          load=load_options(args), **sampling)
+                          load={**load_options(args), **image_load_options(args)}, **sampling)
     return report(summary, "rows")

@@ -11,8 +11,8 @@ from PIL import Image
 
 from ..errors import JanusError
 from ..processing import open_image
-from .common import (add_model_options, add_sampling_options, check_device, load, sampling_kwargs,
-                     status, write_stream)
+from .common import (add_image_options, add_model_options, add_sampling_options, check_device, image_limits,
+                     image_load_options, load, sampling_kwargs, status, write_stream)
 
 if TYPE_CHECKING:
     from ..api import Janus
@@ -40,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="image for the (first) message; repeat for several")
     parser.add_argument("--system", default=None, help="replace the default system prompt")
     add_sampling_options(parser, max_new_tokens=512)
+    add_image_options(parser)
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -53,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     # Every argument is checked before the slow model load.
     check_device(args.device)
     sampling = sampling_kwargs(args)
-    images = [open_image(path) for path in args.image]
-    janus = load(args.model, args.device, args.dtype, args.quantize)
+    images = [open_image(path, image_limits(args)) for path in args.image]
+    janus = load(args.model, args.device, args.dtype, args.quantize, **image_load_options(args))
     system = [] if args.system is None else [{"role": "system", "content": args.system}]
     if args.prompt is not None:
         messages = [*system, user_message(args.prompt, images)]
@@ -96,7 +97,7 @@ class Session:
             status("(conversation cleared)")
         elif name == "/image" and arg.strip():
             try:
-                self.pending.append(open_image(arg.strip()))
+                self.pending.append(open_image(arg.strip(), self.janus.processor.image_limits))
                 status(f"(image {arg.strip()} attached to your next message)")
             except JanusError as exc:
                 self.error(exc)

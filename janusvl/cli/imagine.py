@@ -16,8 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..validation import MAX_CFG_WEIGHT, MAX_IMAGES, MIN_TEMPERATURE
 from .backend import add_backend_options, backend_from_args, load_options, report
-from .common import CommandError, add_model_options, check_device, load, status
+from .common import CommandError, add_model_options, check_device, load, seed_option, status
 
 NAME = re.compile(r"image-(\d+)\.png")
 
@@ -42,6 +43,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _num_images(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGES} images per run, got {text!r}")
+    return value
+
+
+def _cfg_weight(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_CFG_WEIGHT:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_CFG_WEIGHT:g}, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _positive_float(text)
+    if value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_TEMPERATURE:g}, got {text!r}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "imagine", help="generate images from a text prompt",
@@ -49,15 +71,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "save them as image-NNN.png, numbered after any already in the output directory.")
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or Hub id (e.g. deepseek-ai/Janus-Pro-7B)")
     parser.add_argument("prompt", metavar="PROMPT", nargs="?", help="what the images should show")
-    parser.add_argument("-n", "--num-images", type=_positive_int, default=1, metavar="N",
-                        help="images to generate, in one batch (default: 1)")
+    parser.add_argument("-n", "--num-images", type=_num_images, default=1, metavar="N",
+                        help=f"images to generate, in one batch, at most {MAX_IMAGES} (default: 1)")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("."), metavar="DIR",
                         help="where to save the PNGs, created if missing (default: current directory)")
-    parser.add_argument("--cfg-weight", type=_positive_float, default=5.0,
-                        help="classifier-free guidance scale (default: 5)")
-    parser.add_argument("--temperature", type=_positive_float, default=1.0,
+    parser.add_argument("--cfg-weight", type=_cfg_weight, default=5.0,
+                        help=f"classifier-free guidance scale, at most {MAX_CFG_WEIGHT:g} (default: 5)")
+    parser.add_argument("--temperature", type=_temperature, default=1.0,
                         help="sampling temperature (default: 1)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_option, default=None,
                         help="seed for reproducible images; without it a random seed is used and printed")
     add_model_options(parser)
     add_prompts_options(parser)

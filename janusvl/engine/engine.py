@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import CancelledError, InputError, OverloadedError, UnavailableError
-from ..generation.image import check_image_args, image_prompt_ids
-from ..generation.sampling import SamplingParams
-from ..generation.text import _check_length
+from .. import validation
+from ..errors import CancelledError, OverloadedError, UnavailableError
+from ..generation.image import check_image_args, check_image_memory, image_prompt_ids
+from ..generation.sampling import ChatOptions
 from ..messages import Messages
 from ..models.kv_cache import RaggedBatch
 from .feature_cache import FeatureCache, content_key
@@ -53,8 +53,9 @@ class Engine:
                  image_cache_mb: float = 256, prefill_budget_s: float = 0.75,
                  metrics: Metrics | None = None) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_images", max_images)):
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+            validation.integer(name, value, minimum=1)
+        validation.number("image_cache_mb", image_cache_mb, minimum=0)
+        validation.number("prefill_budget_s", prefill_budget_s, minimum=0)
         self.janus = janus
         self.model, self.processor, self.tokenizer = janus.model, janus.processor, janus.tokenizer
         self.max_batch, self.max_queue, self.max_images = max_batch, max_queue, max_images
@@ -83,36 +84,31 @@ class Engine:
                      seed: int | None = None, stop: str | Sequence[str] | None = None,
                      plain_text: bool = False) -> ChatRequest:
         """Check and preprocess a conversation (images are opened and resized here, in the
-        caller's thread). `max_new_tokens` None allows what the context leaves. With
-        `plain_text`, special-token strings in the messages' text are ordinary text (the server's
-        default: a user cannot end their turn or forge another by typing `<|Assistant|>`)."""
-        from ..api import _stop_list
-
-        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-        if not isinstance(n, int) or n < 1:
-            raise InputError(f"n must be an integer >= 1, got {n!r}")
-        if plain_text:
-            messages = self.processor.plain_text.escape_messages(messages)
-        prompt, images = self.janus.build_prompt(messages)
-        keys = [content_key(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else None
-                for im in images]
-        one = self.processor.process_one(prompt=prompt, images=images, plain_text=plain_text)
-        limit = self.model.config.language_config.max_position_embeddings
+        caller's thread, once the prompt is known to fit). `max_new_tokens` None allows what the
+        context leaves. With `plain_text`, special-token strings in the messages' text are
+        ordinary text (the server's default: a user cannot end their turn or forge another by
+        typing `<|Assistant|>`)."""
+        options = ChatOptions.check(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        n = validation.integer("n", n, minimum=1)
+        prompt = self.janus.prompt(messages, plain_text=plain_text)
         if max_new_tokens is None:
-            max_new_tokens = max(limit - len(one), 1)
-        _check_length(self.model.language_model, len(one), max_new_tokens)
-        return ChatRequest(inputs=self.processor.batchify([one]), image_keys=keys,
-                           max_new_tokens=int(max_new_tokens), params=params, n=n, seed=seed,
-                           stop=_stop_list(stop))
+            limit = self.model.config.language_config.max_position_embeddings
+            max_new_tokens = max(limit - len(prompt.ids), 1)
+        max_new_tokens = self.janus.check_room(prompt, max_new_tokens)
+        keys = [content_key(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else None
+                for im in prompt.images]
+        one = self.processor.with_images(prompt.text, prompt.ids, prompt.images)
+        return ChatRequest(inputs=self.processor.batchify([one]), image_keys=keys, max_new_tokens=max_new_tokens,
+                           params=options.params, n=n, seed=options.seed, stop=options.stop)
 
     def image_request(self, prompt: str, n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                       seed: int | None = None, plain_text: bool = False) -> ImageRequest:
-        check_image_args(prompt, n, cfg_weight, temperature, seed)
-        if n > self.max_images:
-            raise InputError(f"n must be at most {self.max_images} images per request, got {n}")
+        n, cfg_weight, temperature, seed = check_image_args(prompt, n, cfg_weight, temperature, seed)
+        validation.integer("n", n, maximum=self.max_images)  # at most max_images images per request
         ids = image_prompt_ids(self.model, self.processor, prompt, self.janus.roles, plain_text)
-        return ImageRequest(prompt_ids=torch.tensor(ids, dtype=torch.long), n=n, cfg_weight=float(cfg_weight),
-                            temperature=float(temperature), seed=seed)
+        check_image_memory(self.model, n, len(ids))
+        return ImageRequest(prompt_ids=torch.tensor(ids, dtype=torch.long), n=n, cfg_weight=cfg_weight,
+                            temperature=temperature, seed=seed)
 
     # ------------------------------------------------------------------ front-end interface
 

@@ -8,7 +8,6 @@ and feeds its embedding to both rows. VQ-16 turns the codes into pixels.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -16,7 +15,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import validation
 from ..errors import InputError
+from ..validation import MAX_CFG_WEIGHT, MAX_IMAGES
 from ..messages import detect_roles
 from ..models.janus import MultiModalityCausalLM
 from ..models.steps import Steps, finish
@@ -44,9 +45,8 @@ def image_prompt_ids(model: MultiModalityCausalLM, processor: VLChatProcessor, p
                      roles: tuple[str, str] | None = None, plain_text: bool = False) -> list[int]:
     """The ids of `image_prompt`, checked to leave room in the context for the image's tokens.
     With `plain_text`, special-token strings in `prompt` are encoded as ordinary text."""
-    if roles is not None and not (isinstance(roles, (tuple, list)) and len(roles) == 2
-                                  and all(isinstance(r, str) and r for r in roles)):
-        raise InputError(f"roles must be two non-empty strings (user, assistant), got {roles!r}")
+    if roles is not None:
+        roles = validation.roles(roles)
     if plain_text:
         plain = processor.plain_text
         ids = plain.encode(image_prompt(processor, plain.escape(prompt), roles))
@@ -74,29 +74,43 @@ def image_grid(model: MultiModalityCausalLM) -> int:
     return model.config.vision_config.image_size // model.config.gen_vision_config.downsample
 
 
-def _positive_number(name: str, value: object) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise InputError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def check_image_args(prompt: object, n: object, cfg_weight: object, temperature: object,
-                     seed: object = None) -> None:
-    """Raise InputError naming the first bad argument; cheap, so callers run it before loading."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise InputError(f"n must be an integer >= 1, got {n!r}")
-    _positive_number("cfg_weight", cfg_weight)
-    _positive_number("temperature", temperature)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InputError(f"seed must be an integer or None, got {seed!r}")
+                     seed: object = None) -> tuple[int, float, float, int | None]:
+    """(n, cfg_weight, temperature, seed) checked, or InputError naming the first bad argument;
+    cheap, so callers run it before loading."""
+    validation.text("prompt", prompt, allow_empty=False)
+    return (validation.integer("n", n, minimum=1, maximum=MAX_IMAGES),
+            validation.number("cfg_weight", cfg_weight, above=0.0, maximum=MAX_CFG_WEIGHT),
+            validation.temperature("temperature", temperature, greedy_allowed=False),
+            validation.seed("seed", seed))
+
+
+def image_memory(model: MultiModalityCausalLM, n: int, prompt_tokens: int) -> int:
+    """Bytes `n` images need at least: the KV cache of their 2n guided rows, and the prefill's
+    widest activation (the MLP's gate and up projections of every prompt position, in fp32)."""
+    cfg = model.config.language_config
+    rows, capacity = 2 * n, prompt_tokens + image_grid(model) ** 2
+    element = model.language_model.get_input_embeddings().weight.element_size()
+    kv = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * capacity * cfg.head_dim * element
+    return kv + rows * prompt_tokens * 2 * cfg.intermediate_size * 4
+
+
+def check_image_memory(model: MultiModalityCausalLM, n: int, prompt_tokens: int) -> None:
+    """Refuse `n` images when the device cannot hold them, before anything is allocated."""
+    need = image_memory(model, n, prompt_tokens)
+    validation.check_memory("n", need, validation.available_memory(model.device), f"generating {n} image(s)")
 
 
 def multinomial_sampler(temperature: float, generator: torch.Generator | None) -> Sampler:
     """DeepSeek's draw: one sample from softmax(logits / temperature) per row."""
     def draw(logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits / temperature, dim=-1)
+        if logits.dtype == torch.float16:
+            # A small temperature can scale float16 logits past its largest value (softmax then
+            # gives NaN): such rows are scaled in float32 instead, every other row as before.
+            overflow = torch.isinf(logits / temperature).any(-1, keepdim=True)
+            wide = torch.softmax(logits.float() / temperature, dim=-1).to(probs.dtype)
+            probs = torch.where(overflow, wide, probs)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return draw
 
@@ -141,8 +155,9 @@ def generate_image_tokens(
     detected (user, assistant) role names. `sampler`, when given, replaces the draw from
     softmax(guided / temperature): it gets the guided logits (model dtype) [n, V] and returns ids [n].
     """
-    check_image_args(prompt, n, cfg_weight, temperature, seed)
+    n, cfg_weight, temperature, seed = check_image_args(prompt, n, cfg_weight, temperature, seed)
     ids = image_prompt_ids(model, processor, prompt, roles)
+    check_image_memory(model, n, len(ids))
     steps = image_grid(model) ** 2
     if sampler is None:
         sampler = multinomial_sampler(temperature, make_generator(seed, model.device))
@@ -166,8 +181,13 @@ def decode_image_tokens_steps(model: MultiModalityCausalLM, tokens: torch.Tensor
                               chunk: int = 8) -> Steps[list[Image.Image]]:
     """`decode_image_tokens` in pieces (one VQ decoder block per step), for the serving engine."""
     grid = image_grid(model)
-    if tokens.dim() != 2 or tokens.shape[1] != grid * grid:
-        raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != grid * grid:
+        raise InputError(f"tokens must have shape [n, {grid * grid}], got {list(getattr(tokens, 'shape', []))}")
+    codes = model.config.gen_vision_config.image_token_size
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputError(f"tokens must be integer code ids, got {tokens.dtype}")
+    if tokens.numel() and not bool(((tokens >= 0) & (tokens < codes)).all()):
+        raise InputError(f"tokens must be code ids in 0..{codes - 1}")
     vq = model.gen_vision_model
     images: list[Image.Image] = []
     for part in tokens.to(model.device).split(chunk):

@@ -11,27 +11,22 @@ import torch
 from ..errors import InputError
 from ..models.kv_cache import KVCache
 from ..models.llama import LlamaForCausalLM
+from ..validation import check_length, integer
 from .sampling import SamplingParams, make_generator, sample
 
 
-def _check_length(lm: LlamaForCausalLM, prompt_len: int, max_new_tokens: int) -> None:
-    limit = lm.config.max_position_embeddings
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt_len + max_new_tokens > limit:
-        raise InputError(
-            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-            f"context of {limit} tokens (max_position_embeddings); lower max_new_tokens to at most "
-            f"{max(limit - prompt_len, 0)}"
-        )
+def _token_ids(name: str, ids: object) -> list[int]:
+    """None, one token id or a list of them, as a list of ints."""
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    items = ids if isinstance(ids, (list, tuple)) else [ids]
+    return [integer(f"{name}[{i}]" if items is ids else name, t, minimum=0) for i, t in enumerate(items)]
 
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
-    if eos_token_id is None:
-        ids = []
-    else:
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    return torch.tensor(_token_ids("eos_token_id", eos_token_id), dtype=torch.long, device=device)
 
 
 def prefill(lm: LlamaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -71,7 +66,8 @@ def generate_tokens(
     closing the iterator. Rows are left-padded prompts. Arguments are checked now, not at the
     first step, so a bad request fails where it is made."""
     B, T, _ = inputs_embeds.shape
-    _check_length(lm, T, max_new_tokens)
+    max_new_tokens = check_length(T, max_new_tokens, lm.config.max_position_embeddings)
+    min_new_tokens = integer("min_new_tokens", min_new_tokens, minimum=0)
     device = inputs_embeds.device
     mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None \
         else attention_mask.to(device=device, dtype=torch.long)
@@ -130,7 +126,9 @@ def generate(
     Sampling defaults follow transformers' generate (`do_sample=False` is greedy; with sampling,
     top_k 50 unless given). Decoding always uses the KV cache; `use_cache` and `bos_token_id`
     are accepted for DeepSeek's call."""
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos = _token_ids("eos_token_id", eos_token_id)
+    if pad_token_id is not None:
+        integer("pad_token_id", pad_token_id, minimum=0)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if inputs_embeds is None:
         if input_ids is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -79,14 +79,60 @@ def weight_files(root: Path) -> dict[str, Path]:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a valid weight index ({exc})") from None
-        for shard in sorted(set(weight_map.values())):
-            if not (root / shard).is_file():
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path}: weight_map must map keys to shard files")
+        names = {_shard_name(path, shard) for shard in weight_map.values()}
+        shards = {shard: shard_path(root, path, shard) for shard in names}
+        for shard in sorted(shards):
+            if not shards[shard].is_file():
                 raise CheckpointError(f"{path} names shard {shard!r}, which is not in {root}")
-        return {key: root / shard for key, shard in weight_map.items()}
+        return {key: shards[shard] for key, shard in weight_map.items()}
     raise CheckpointError(
         f"{root}: no weights found; expected one of model.safetensors, model.safetensors.index.json, "
         "pytorch_model.bin or pytorch_model.bin.index.json"
     )
+
+
+def _shard_name(index: Path, shard: object) -> str:
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: shard names must be non-empty strings, got {shard!r:.60}")
+    return shard
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where a checkpoint's files may live: its directory, and for a Hub cache snapshot (whose
+    files are symlinks into the repository's blob store) that store."""
+    roots = [root.resolve()]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
+def shard_path(root: Path, index: Path, shard: str) -> Path:
+    """The file a weight index names, refused when the name or the file it resolves to (through
+    symlinks) leaves the checkpoint directory: an index must not make the loader read elsewhere."""
+    escapes = (PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute()
+               or bool(PureWindowsPath(shard).drive) or ".." in PurePosixPath(shard.replace("\\", "/")).parts)
+    path = root / shard
+    if not escapes:
+        target = path.resolve()
+        escapes = not any(target.is_relative_to(allowed) for allowed in _allowed_roots(root))
+    if escapes:
+        raise CheckpointError(f"{index} names shard {shard!r}, which is outside the checkpoint directory "
+                              f"{root}; refused")
+    return path
+
+
+def check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a floating tensor holding NaN or infinity, naming it. One sum reads each value once
+    without allocating, and NaN and infinity always survive a sum (NaN stays NaN, infinity stays
+    infinite or turns NaN); only a non-finite sum (possibly an overflow of finite values) needs
+    the exact, slower test."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{path}: {key!r} holds NaN or infinite values; pass allow_nonfinite=True "
+                              "to load it anyway")
 
 
 def _keys_of(path: Path) -> list[str]:
@@ -180,9 +226,11 @@ def keys_by_file(where: dict[str, Path]) -> dict[Path, list[str]]:
 
 
 def read_state_dict(
-    root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+    root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors."""
+    """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors, and
+    so are NaN or infinite weights unless `allow_nonfinite`."""
     where = weight_files(root)
     check_keys(root, where, expected)
     stored = {k: f for k, f in where.items() if not is_unused(k)}
@@ -193,6 +241,8 @@ def read_state_dict(
                 tensor = f.get_tensor(key)
                 want = expected[key]
                 check_shape(path, key, tensor, want)
+                if not allow_nonfinite:
+                    check_finite(path, key, tensor)
                 state[key] = tensor.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype)
     return state
 
@@ -211,8 +261,10 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
     config: JanusConfig | None = None,
+    allow_nonfinite: bool = False,
 ) -> "MultiModalityCausalLM":  # noqa: F821
-    """The model in `model_path`, built from its config.json or from `config` (an edited copy)."""
+    """The model in `model_path`, built from its config.json or from `config` (an edited copy).
+    Weights holding NaN or infinity are refused (naming the tensor) unless `allow_nonfinite`."""
     from ..models.janus import MultiModalityCausalLM
 
     root = resolve_checkpoint(model_path, revision)
@@ -223,7 +275,7 @@ def load_model(
     with torch.device("meta"):
         model = MultiModalityCausalLM(config)
     expected = expected_state(config, model)
-    state = read_state_dict(root, expected, target_dtype, target_device)
+    state = read_state_dict(root, expected, target_dtype, target_device, allow_nonfinite)
     model.load_state_dict(state, strict=not config.language_config.tie_word_embeddings, assign=True)
     if config.language_config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight

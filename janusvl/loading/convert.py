@@ -14,7 +14,9 @@ failure (or Ctrl-C) never leaves a half-written DST.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import secrets
 import shutil
 import sys
@@ -40,6 +42,7 @@ SMALL_FILES = ("*.json", "*.model", "*.txt")  # travel with the weights unchange
 HF_REWRITTEN = frozenset({"config.json", "preprocessor_config.json", "processor_config.json",
                           "tokenizer_config.json"})
 _EMBED = "language_model.model.embed_tokens.weight"
+CONVERTED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 class ConvertError(JanusError):
@@ -61,7 +64,9 @@ def convert_checkpoint(
 
     `to`: "deepseek" (lossless sharded safetensors) or "hf" (transformers' Janus layout).
     `dtype`: None or "keep" keeps every tensor's dtype; a float dtype casts the floating tensors.
-    `force`: replace a non-empty `dst` (its contents are deleted once the new one is complete).
+    `force`: replace a `dst` that holds a previous conversion (config.json, safetensors weights
+    and nothing but the files a conversion writes), once the new one is complete. Any other
+    non-empty `dst` is refused, with the reason, and left as it is.
     """
     if to not in TARGETS:
         raise InputError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
@@ -125,8 +130,31 @@ def _check_destination(root: Path, dst: Path, force: bool) -> None:
         raise ConvertError(f"destination {dst} contains the source checkpoint {root}; it cannot be replaced")
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise ConvertError(f"destination {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise ConvertError(f"destination {dst} is not empty; use --force (force=True) to replace it")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    if not force:
+        raise ConvertError(f"destination {dst} is not empty; use --force (force=True) to replace a "
+                           "previous conversion there")
+    why = _not_a_conversion(dst)
+    if why:
+        raise ConvertError(f"destination {dst} does not hold a previous conversion ({why}); --force replaces "
+                           "only that, so nothing was changed: choose a new or empty directory")
+
+
+def _not_a_conversion(dst: Path) -> str | None:
+    """Why `dst` is not what a conversion writes, or None when it is: --force may then delete
+    it whole, and no file of anyone else's goes with it."""
+    entries = sorted(dst.iterdir())
+    names = {p.name for p in entries}
+    for path in entries:
+        written = CONVERTED_WEIGHTS.fullmatch(path.name) or any(fnmatch.fnmatch(path.name, p) for p in SMALL_FILES)
+        if path.is_symlink() or not path.is_file() or not written:
+            return f"it holds {path.name!r}, which a conversion does not write"
+    if "config.json" not in names:
+        return "it has no config.json"
+    if not names & {"model.safetensors", "model.safetensors.index.json"}:
+        return "it has no model.safetensors or model.safetensors.index.json"
+    return None
 
 
 def _make_temp_dir(dst: Path) -> Path:

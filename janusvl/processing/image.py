@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, ImageLoadError, InputError
+from .images_io import to_rgb
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -80,7 +81,7 @@ class VLMImageProcessor:
 
     def resize(self, image: Image.Image) -> np.ndarray:
         """Resize the long side to image_size (bicubic), centre on a square canvas; uint8 [3, S, S]."""
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else to_rgb(image)  # resize copies: no need to twice
         width, height = image.size
         longest = max(width, height)
         # Division first, then int(): DeepSeek truncates, where transformers rounds.
@@ -108,9 +109,13 @@ class VLMImageProcessor:
         """[n, 3, image_size, image_size] float32 pixel values for a list of PIL images."""
         if isinstance(images, Image.Image):
             images = [images]
+        if not isinstance(images, Sequence):
+            raise InputError(f"images must be a PIL image or a list of them, got {type(images).__name__}")
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise InputError(f"images[{i}] is a {type(image).__name__}, not a PIL image")
+            if image.width < 1 or image.height < 1:  # DeepSeek's resize would divide by zero
+                raise ImageLoadError(f"images[{i}]: the image is empty ({image.width}x{image.height} pixels)")
         arrays = [self.normalize(self.resize(image)) for image in images]
         if not arrays:
             return ImageProcessorOutput(torch.zeros(0, *self.default_shape))

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..config import JanusConfig
 from ..errors import ConfigError, InputError
+from ..validation import text
 from .image import VLMImageProcessor
-from .images_io import ImageSource, open_image
+from .images_io import DEFAULT_LIMITS, ImageLimits, ImageSource, open_image
 from .plain_text import PlainText
 from .template import DEFAULT_SYSTEM_PROMPT, SFT_FORMATS, apply_sft_template
-from .tokenizer import JanusTokenizer
+from .tokenizer import JanusTokenizer, read_json_object
 
 PROCESSOR_CONFIG = "processor_config.json"
 
@@ -76,15 +78,32 @@ class BatchedVLChatProcessorOutput(_DictAccess):
         return self
 
 
-def load_pil_images(conversations: Conversation) -> list[Image.Image]:
+def image_list(images: object, where: str = "images") -> list[ImageSource]:
+    """A message's or a call's images as a list; a lone string is refused, as iterating it would
+    take each character for a path (DeepSeek's `"images": ["x.png"]` is a list)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image)):
+        raise InputError(f"{where} must be a list of images, got a single {type(images).__name__} "
+                         f"({str(images)[:40]!r}); write [{str(images)[:40]!r}]")
+    if not isinstance(images, Sequence):
+        raise InputError(f"{where} must be a list of images, got {type(images).__name__}")
+    return list(images)
+
+
+def load_pil_images(conversations: Conversation, limits: ImageLimits | None = None) -> list[Image.Image]:
     """Every entry of each message's "images" list, in order, opened as RGB PIL images.
 
-    Entries may be file paths, `data:image/...;base64,` URLs, raw bytes or PIL images.
-    """
+    Entries may be file paths, `data:image/...;base64,` URLs, raw bytes or PIL images; `limits`
+    bound their size (see `ImageLimits`)."""
+    if not isinstance(conversations, Sequence) or isinstance(conversations, str):
+        raise InputError("conversations must be a list of messages")
     images = []
-    for message in conversations:
-        for source in message.get("images") or []:
-            images.append(open_image(source))
+    for i, message in enumerate(conversations):
+        if not isinstance(message, Mapping):
+            raise InputError(f"conversations[{i}] must be a dict, got {type(message).__name__}")
+        for source in image_list(message.get("images"), f"conversations[{i}]['images']"):
+            images.append(open_image(source, limits))
     return images
 
 
@@ -105,6 +124,7 @@ class VLChatProcessor:
         mask_prompt: bool = True,
         ignore_id: int = -100,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        image_limits: ImageLimits = DEFAULT_LIMITS,
     ) -> None:
         if add_special_token:
             # DeepSeek's code would then keep the tag token in front of each image span, which
@@ -126,6 +146,7 @@ class VLChatProcessor:
         self.mask_prompt = mask_prompt  # training only; kept for API parity
         self.ignore_id = ignore_id  # training only; kept for API parity
         self.system_prompt = system_prompt
+        self.image_limits = image_limits  # how images are opened: size caps, EXIF orientation
         # Ids differ between releases: look every tag up once, and fail now if one is missing.
         self._ids = {}
         for tag in (image_tag, image_start_tag, image_end_tag, pad_tag):
@@ -154,11 +175,32 @@ class VLChatProcessor:
         tokenizer = JanusTokenizer.from_pretrained(path)
         image_processor = VLMImageProcessor.from_pretrained(path)
         try:
-            return cls(image_processor, tokenizer, **kwargs)
+            processor = cls(image_processor, tokenizer, **kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{file}: invalid value: {exc}") from None
+        model_config = read_json_object(path / "config.json")
+        if model_config.get("model_type") == "multi_modality":  # DeepSeek's layout: check them together
+            try:
+                processor.check_model(JanusConfig.from_dict(model_config))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+        return processor
+
+    def check_model(self, config: JanusConfig) -> None:
+        """Refuse a processor whose images the model described by `config` cannot take: every
+        image must give exactly one embedding row per image token."""
+        vision = config.vision_config
+        if self.num_image_tokens != vision.num_patches:
+            raise ConfigError(
+                f"processor_config.json num_image_tokens {self.num_image_tokens} disagrees with the vision "
+                f"tower in config.json: (image_size {vision.image_size} / patch size {vision.spec.patch_size})^2 "
+                f"= {vision.num_patches} image features")
+        if self.image_processor.image_size != vision.image_size:
+            raise ConfigError(
+                f"preprocessor_config.json image_size {self.image_processor.image_size} disagrees with "
+                f"config.json vision_config.params.image_size {vision.image_size}")
 
     @cached_property
     def plain_text(self) -> PlainText:
@@ -218,30 +260,47 @@ class VLChatProcessor:
             prompt = apply_sft_template(conversations, self.sft_format, self.system_prompt)
         if isinstance(images, (Image.Image, str, Path, bytes)):
             images = [images]
-        images = list(images or [])
-        if plain_text:
-            ids = self.plain_text.encode(prompt)
-            prompt = self.plain_text.restore(prompt)
-        else:
-            ids = self.tokenizer.encode(prompt)
+        images = image_list(images)
+        ids = self.prompt_ids(prompt, len(images), plain_text)
+        return self.with_images(self.plain_text.restore(prompt) if plain_text else prompt, ids, images)
+
+    def prompt_ids(self, prompt: str, n_images: int, plain_text: bool = False) -> list[int]:
+        """The ids of `prompt` with each image tag expanded (spec 4.3), checked to hold one tag
+        per image. Cheap: no image is opened, so a caller can check the length first. With
+        `plain_text`, `prompt` holds text escaped by `self.plain_text.escape`."""
+        prompt = text("prompt", prompt)
+        ids = self.plain_text.encode(prompt) if plain_text else self.tokenizer.encode(prompt)
         n_tags = ids.count(self.image_id)
-        if n_tags != len(images):
+        if n_tags != n_images:
             raise InputError(
-                f"the prompt has {n_tags} {self.image_tag} tag(s) but {len(images)} image(s) were given "
+                f"the prompt has {n_tags} {self.image_tag} tag(s) but {n_images} image(s) were given "
                 "(load a conversation's images with load_pil_images(conversations))"
             )
-        images = [im if isinstance(im, Image.Image) else open_image(im) for im in images]
+        return self.expand_image_tokens(ids)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Prompt tokens one image takes: its tag becomes begin, num_image_tokens tags, end."""
+        return self.num_image_tokens + 2
+
+    def with_images(self, prompt: str, ids: Sequence[int], images: Sequence[ImageSource]) -> VLChatProcessorOutput:
+        """The sample for `ids` (from `prompt_ids`), its images opened (within `image_limits`)
+        and preprocessed."""
+        opened = [open_image(image, self.image_limits) for image in images]
         return VLChatProcessorOutput(
             sft_format=prompt,
-            input_ids=torch.tensor(self.expand_image_tokens(ids), dtype=torch.long),
-            pixel_values=self.image_processor(images).pixel_values,
-            num_image_tokens=[self.num_image_tokens] * len(images),
+            input_ids=torch.tensor(list(ids), dtype=torch.long),
+            pixel_values=self.image_processor(opened).pixel_values,
+            num_image_tokens=[self.num_image_tokens] * len(opened),
         )
 
     def batchify(self, outputs: Sequence[VLChatProcessorOutput]) -> BatchedVLChatProcessorOutput:
         """Left-pad a list of samples into one batch with the masks the model needs (spec 4.4)."""
-        if not outputs:
-            raise InputError("batchify needs at least one sample")
+        if not outputs or isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
+            raise InputError("batchify needs a non-empty list of samples (from process_one)")
+        for i, out in enumerate(outputs):
+            if not isinstance(out, VLChatProcessorOutput):
+                raise InputError(f"outputs[{i}] is a {type(out).__name__}, not a process_one output")
         B = len(outputs)
         T = max(len(o) for o in outputs)
         max_images = max(1, max(len(o.num_image_tokens) for o in outputs))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError
+from ..validation import check_encodable
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
@@ -41,9 +42,14 @@ def apply_sft_template(
     Roles are used verbatim ("User"/"Assistant" for Janus-1.3B, "<|User|>"/"<|Assistant|>" for
     Janus-Pro); each content is stripped. An unknown `sft_format` raises InputError.
     """
-    template = SFT_FORMATS.get(sft_format)
+    template = SFT_FORMATS.get(sft_format) if isinstance(sft_format, str) else None
     if template is None:
         raise InputError(f"unknown sft_format {sft_format!r}; known: {sorted(SFT_FORMATS)}")
+    if not isinstance(conversations, Sequence) or isinstance(conversations, str):
+        raise InputError(f"conversations must be a list of messages, got {type(conversations).__name__}")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InputError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+    check_encodable("system_prompt", system_prompt or "")
     messages = []
     for i, message in enumerate(conversations):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
@@ -51,5 +57,7 @@ def apply_sft_template(
         content = message.get("content") or ""
         if not isinstance(content, str):
             raise InputError(f"conversations[{i}]['content'] must be a string, got {type(content).__name__}")
+        check_encodable(f"conversations[{i}]['role']", message["role"])
+        check_encodable(f"conversations[{i}]['content']", content)
         messages.append((message["role"], content.strip()))
     return template(messages, system_prompt or "")

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, InputError
+from ..validation import check_encodable, integer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -60,9 +61,13 @@ def _as_id_list(ids: TokenIds | int) -> list[int]:
         if ids.ndim > 1:
             raise InputError(f"decode takes one sequence of ids, got an array of shape {list(ids.shape)}")
         ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise InputError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
+    ids = list(ids)
     if any(isinstance(i, (list, tuple)) for i in ids):
         raise InputError("decode takes one sequence of ids; use batch_decode for several")
-    return [int(i) for i in ids]
+    # The tokenizer stores ids as 32-bit unsigned: anything else would overflow inside it.
+    return [integer(f"ids[{n}]", i, 0, 2**32 - 1) for n, i in enumerate(ids)]
 
 
 class JanusTokenizer:
@@ -197,6 +202,7 @@ class JanusTokenizer:
         """Token ids of `text`; with add_special_tokens, exactly one BOS first (per the config)."""
         if not isinstance(text, str):
             raise InputError(f"encode takes a str, got {type(text).__name__}")
+        check_encodable("the text to encode", text)  # the tokenizer would raise a bare TypeError
         # Encode bare and add BOS/EOS ourselves, so a BOS post-processor in tokenizer.json
         # (present in some releases, absent in others) can neither double nor drop it.
         ids = self._backend.encode(text, add_special_tokens=False).ids
