@@ -119,7 +119,11 @@ def test_cancel_and_finish_free_everything(janus) -> None:
             request.emit = listener = Listener()
             listeners.append(listener)
             engine.submit(request)
-        while not all(listener.stamps for listener in listeners):
+        # A job's first token is sent from the step that finishes its prefill, just before it joins
+        # the running batch: wait for the batch itself.
+        deadline = time.monotonic() + 30
+        while not (all(listener.stamps for listener in listeners) and engine.running_rows == 3) \
+                and time.monotonic() < deadline:
             time.sleep(0.001)
         assert engine.running_rows == 3
         requests[1].cancel()
