@@ -310,15 +310,15 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
 
     def rewrite(layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        sources = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        fused = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]  # copied by _fuse
+        kept = [attn.o_proj, mlp.down_proj]  # read in place by the plain kernel
         attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
         del attn.q_proj, attn.k_proj, attn.v_proj
         attn.o_proj = make(attn.o_proj.weight, attn.o_proj.bias)
         mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
         del mlp.gate_proj, mlp.up_proj
         mlp.down_proj = make(mlp.down_proj.weight, None)
-        if release:
-            release_pages(*(m.weight for m in sources))
+        release_pages(*(m.weight for m in fused + (kept if release else [])))
 
     def rewrite_head() -> None:
         source = lm.lm_head.weight
