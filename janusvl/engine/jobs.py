@@ -3,7 +3,8 @@
 A job's `prefill()` is a generator: each `next()` does one piece of work (a vision block, a
 chunk of the prompt) so the engine can decode running rows in between. Once it is exhausted the
 job holds a KV cache and joins the running batch, where each step the engine asks it for its
-rows' next input embeddings (`next_embeds`) and hands back their hidden states (`take`). Both
+rows' next input embeddings (`next_embeds`), runs every job's `head` once over all the rows
+that share it, and hands each job its rows' scores (`take`). Both
 jobs are built from the library's own functions (`prefill`, `sample`, `TextStream`, the
 guided draw of `generation.image`), so a job alone computes what `Janus.chat` and
 `generate_images` compute.
@@ -37,6 +38,7 @@ class Pacer(Protocol):
 
 class Job:
     request: Request
+    head: torch.nn.Module  # turns the decoder's last hidden states into this job's scores
     cache: KVCache | None = None
     first_token_at: float | None = None
     admitted = False  # taken from the queue (counted as running)
@@ -53,8 +55,8 @@ class Job:
     def next_embeds(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def take(self, hidden: torch.Tensor) -> bool:
-        """Consume this job's hidden states [rows, 1, D]; True when the job has no rows left."""
+    def take(self, scores: torch.Tensor) -> bool:
+        """Consume `head`'s output for this job's rows [rows, V]; True when no row is left."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -67,6 +69,7 @@ class ChatJob(Job):
                  features: FeatureCache) -> None:
         self.request = request
         self.model, self.lm, self.features = model, model.language_model, features
+        self.head = self.lm.lm_head
         self.eos = tokenizer.eos_token_id
         self.generator = make_generator(request.seed, model.device)
         self.streams = [TextStream(tokenizer, request.stop) for _ in range(request.n)]
@@ -118,8 +121,8 @@ class ChatJob(Job):
     def next_embeds(self) -> torch.Tensor:
         return self.lm.get_input_embeddings()(self.ids)[:, None]  # [rows, 1, D]
 
-    def take(self, hidden: torch.Tensor) -> bool:
-        self._sample(self.lm.lm_head(hidden)[:, -1].float())
+    def take(self, scores: torch.Tensor) -> bool:
+        self._sample(scores.float())
         return not self.alive
 
     def _sample(self, logits: torch.Tensor) -> None:
@@ -160,6 +163,7 @@ class ImageJob(Job):
     def __init__(self, request: ImageRequest, model: MultiModalityCausalLM, pad_id: int) -> None:
         self.request = request
         self.model = model
+        self.head = model.gen_head
         self.steps = image_grid(model) ** 2
         self.input_ids = cfg_input_ids(request.prompt_ids.tolist(), request.n, pad_id).to(model.device)
         self.sampler = multinomial_sampler(request.temperature, make_generator(request.seed, model.device))
@@ -173,7 +177,7 @@ class ImageJob(Job):
         h = lm.model(inputs_embeds=x, use_cache=True, past_key_values=cache).last_hidden_state
         self.cache = cache
         self.first_token_at = time.perf_counter()
-        self.take(h[:, -1:])
+        self.take(self.head(h[:, -1]))
         yield from ()  # an image prompt is short: one piece
 
     def next_embeds(self) -> torch.Tensor:
@@ -181,9 +185,8 @@ class ImageJob(Job):
         # Both rows of a pair continue with the code the pair drew.
         return self.model.prepare_gen_img_embeds(ids.repeat_interleave(2))[:, None]  # [2n, 1, D]
 
-    def take(self, hidden: torch.Tensor) -> bool:
-        logits = self.model.gen_head(hidden[:, -1])  # [2n, V] in the model's dtype, as DeepSeek's
-        cond, uncond = logits[0::2], logits[1::2]
+    def take(self, scores: torch.Tensor) -> bool:
+        cond, uncond = scores[0::2], scores[1::2]  # [n, V] in the model's dtype, as DeepSeek's
         self.tokens[:, self.generated] = self.sampler(uncond + self.request.cfg_weight * (cond - uncond))
         self.generated += 1
         self.request.emit(Progress(self.generated, self.steps))
