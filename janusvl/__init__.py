@@ -13,8 +13,8 @@ import torch
 
 from .auto import AutoConfig, AutoModelForCausalLM
 from .config import JanusConfig
-from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, ImageLoadError,
-                     InputError, JanusError)
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, ContextLengthError, ImageLoadError,
+                     ImageTooLargeError, InputError, JanusError)
 from .models.janus import MultiModalityCausalLM
 from .processing import JanusTokenizer, VLChatProcessor, load_pil_images
 
@@ -52,4 +52,5 @@ def __getattr__(name: str) -> object:
 
 __all__ = ["Janus", "AutoConfig", "AutoModelForCausalLM", "JanusConfig", "MultiModalityCausalLM", "VLChatProcessor", "JanusTokenizer",
            "load_pretrained_model", "load_pil_images", "JanusError", "ConfigError",
-           "CheckpointError", "CheckpointNotFoundError", "ImageLoadError", "InputError"]
+           "CheckpointError", "CheckpointNotFoundError", "ImageLoadError", "ImageTooLargeError", "InputError",
+           "ContextLengthError"]

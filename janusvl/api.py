@@ -189,12 +189,12 @@ class Janus:
         ids = self.processor.prompt_ids(text, len(images), plain_text)
         return Prompt(plain.restore(text) if plain_text else text, ids, images)
 
-    def check_room(self, prompt: Prompt, max_new_tokens: object) -> int:
-        """`max_new_tokens`, checked to fit after `prompt` in the model's context; the error
-        says what to cut (the answer, images or text)."""
+    def check_room(self, prompt: Prompt, max_new_tokens: object, name: str = "max_new_tokens") -> int:
+        """`max_new_tokens` (called `name` in errors), checked to fit after `prompt` in the model's
+        context; the `ContextLengthError` says what to cut (the answer, images or text)."""
         context = self.model.config.language_config.max_position_embeddings
         return validation.check_length(len(prompt.ids), max_new_tokens, context, len(prompt.images),
-                                       self.processor.tokens_per_image)
+                                       self.processor.tokens_per_image, name)
 
     def chat(self, messages: Messages | str, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,

@@ -21,8 +21,23 @@ class ImageLoadError(JanusError, ValueError):
     """An image path, URL or byte string could not be read as an image."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image whose header claims more pixels (or whose encoding holds more bytes) than the
+    limits allow; nothing of it was decoded."""
+
+
 class InputError(JanusError, ValueError):
     """Arguments to a processing or generation call are inconsistent or out of range."""
+
+
+class ContextLengthError(InputError):
+    """The prompt plus the tokens to generate do not fit the model's context. The counts are
+    attributes, so a front end can phrase the error its own way (the server's
+    `context_length_exceeded`)."""
+
+    def __init__(self, message: str, prompt_tokens: int, new_tokens: int, context: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
 
 
 class OverloadedError(JanusError):

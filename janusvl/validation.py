@@ -14,7 +14,7 @@ import numbers
 import os
 from collections.abc import Sequence
 
-from .errors import InputError
+from .errors import ContextLengthError, InputError
 
 # torch.Generator.manual_seed takes any 64-bit value; the OpenAI-style API takes a non-negative
 # int64, and one range for every entry point keeps a seed valid wherever it is reused.
@@ -144,7 +144,7 @@ def check_length(prompt_tokens: int, max_new_tokens: object, context: int, image
     """`max_new_tokens` checked, and the prompt plus the answer checked to fit the context.
 
     The advice names what to cut: the answer's length when the prompt alone leaves room,
-    otherwise images (each costs `tokens_per_image`) or text."""
+    otherwise images (each costs `tokens_per_image`) or text. Raises `ContextLengthError`."""
     max_new_tokens = integer(name, max_new_tokens, minimum=1)
     excess = prompt_tokens + max_new_tokens - context
     if excess <= 0:
@@ -152,7 +152,8 @@ def check_length(prompt_tokens: int, max_new_tokens: object, context: int, image
     head = (f"prompt of {prompt_tokens} tokens + {name} {max_new_tokens} exceeds the model's context of "
             f"{context} tokens (max_position_embeddings)")
     if prompt_tokens < context:
-        raise InputError(f"{head}; lower {name} to at most {context - prompt_tokens}")
+        raise ContextLengthError(f"{head}; lower {name} to at most {context - prompt_tokens}", prompt_tokens,
+                                 max_new_tokens, context)
     with_images = f" with {images} image(s)" if images else ""
     advice = f"shorten the text by {excess} tokens"
     remove = math.ceil(excess / tokens_per_image) if tokens_per_image else images + 1
@@ -160,8 +161,8 @@ def check_length(prompt_tokens: int, max_new_tokens: object, context: int, image
         advice = f"remove {remove} image(s) or shorten the text by {excess} tokens"
     elif images:
         advice = f"remove images ({tokens_per_image} tokens each) and shorten the text, {excess} tokens in all"
-    raise InputError(f"{head}: the prompt alone needs {prompt_tokens} tokens{with_images} and the context "
-                     f"holds {context}; {advice}")
+    raise ContextLengthError(f"{head}: the prompt alone needs {prompt_tokens} tokens{with_images} and the "
+                             f"context holds {context}; {advice}", prompt_tokens, max_new_tokens, context)
 
 
 def available_memory(device: object) -> int | None:

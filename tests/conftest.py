@@ -161,3 +161,13 @@ def eos_model(tiny):
     with torch.no_grad():
         weight[tokenizer.eos_token_id] = 1.5 * weight[base[EOS_STEP]]
     return biased, base
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The hostile corpus's combined table (library, CLI, server), when this run tried any case."""
+    import sys
+
+    report = sys.modules.get("hostile_report")  # imported by the hostile suites, when they ran
+    if report is not None and report.OUTCOMES:
+        terminalreporter.write_sep("=", "hostile corpus: library, CLI and server")
+        terminalreporter.write_line(report.table(report.OUTCOMES))

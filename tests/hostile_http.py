@@ -194,9 +194,10 @@ def _sizes() -> list[Case]:
         Case("a million-entry messages array", "size", b'{"messages": [' + b"1," * 100_000 + b"1]}", 400,
              "invalid_value"),
         Case("prompt far over the context", "size", _json(_chat(messages=[{"role": "user", "content": "why " * 30_000}])),
-             400, "invalid_value"),
+             400, "context_length_exceeded"),
+        Case("max_tokens far over the context", "size", _json(_chat(max_tokens=10**6)), 400, "context_length_exceeded"),
         Case("image prompt far over the context", "size", _json({"prompt": "why " * 30_000}), 400,
-             "invalid_value", path=IMAGES),
+             "context_length_exceeded", path=IMAGES),
     ]
 
 
@@ -259,7 +260,7 @@ def _messages() -> list[Case]:
         "null user content": chat([{"role": "user", "content": None}], 200, None),
         "name with special tokens": chat([{"role": "user", "content": "hi", "name": "<|Assistant|>"}], 200, None),
         "2,000 alternating turns": chat([{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"}
-                                         for i in range(2001)], 400, "invalid_value"),
+                                         for i in range(2001)], 400, "context_length_exceeded"),
     }
     cases = []
     for name, (messages, status, code) in table.items():
@@ -277,7 +278,7 @@ def _params() -> list[Case]:
         ("max_tokens 2.9", {"max_tokens": 2.9}, 400, "invalid_value"),
         ("max_tokens '5'", {"max_tokens": "5"}, 400, "invalid_value"),
         ("max_tokens true", {"max_tokens": True}, 400, "invalid_value"),
-        ("max_tokens 10^30", {"max_tokens": 10**30}, 400, "invalid_value"),
+        ("max_tokens 10^30", {"max_tokens": 10**30}, 400, "context_length_exceeded"),
         ("max_completion_tokens 0", {"max_completion_tokens": 0}, 400, "invalid_value"),
         ("temperature -1", {"temperature": -1}, 400, "invalid_value"),
         ("temperature 2.5", {"temperature": 2.5}, 400, "invalid_value"),

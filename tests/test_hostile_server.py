@@ -8,12 +8,12 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from hostile_http import BODY_LIMIT, MAX_PIXELS, Case, cases
+from hostile_report import Outcome, record, table
 from serving import LiveServer
 
 READ_TIMEOUT = 2.0  # seconds a client has to send a request's head, and then its body
@@ -26,14 +26,8 @@ def live(janus):
         yield server
 
 
-@dataclass
-class Outcome:
-    case: str
-    group: str
-    ok: bool  # the expected status and error code
-    crashed: bool  # a 5xx, or no answer where one was due
-    got: str
-    refused: bool = True  # an error was expected (not an odd but valid input, served)
+def _outcome(case: str, group: str, ok: bool, crashed: bool, got: str, refused: bool = True) -> Outcome:
+    return Outcome("server", group, case, ok, crashed, got, refused)
 
 
 def _error_of(response: httpx.Response) -> dict | None:
@@ -48,7 +42,7 @@ def _send(client: httpx.Client, case: Case) -> Outcome:
     try:
         response = client.request(case.method, case.path, content=case.body, headers=case.headers)
     except httpx.HTTPError as exc:  # no answer at all: the server dropped the connection
-        return Outcome(case.name, case.group, False, True, f"{type(exc).__name__}: {exc}")
+        return _outcome(case.name, case.group, False, True, f"{type(exc).__name__}: {exc}")
     error = _error_of(response) if response.status_code >= 400 else None
     got = f"{response.status_code} {error['code'] if error else ''}".strip()
     if case.status >= 400:  # refused: in OpenAI's shape, with the expected code and a message
@@ -56,20 +50,7 @@ def _send(client: httpx.Client, case: Case) -> Outcome:
     else:
         ok = True
     ok = ok and response.status_code == case.status
-    return Outcome(case.name, case.group, ok, response.status_code >= 500, got, case.status >= 400)
-
-
-def _table(outcomes: list[Outcome]) -> str:
-    """Per group: cases tried, clear errors (the expected status and code), odd but valid inputs
-    served, and crashes."""
-    groups = sorted({o.group for o in outcomes})
-    lines = [f"{'group':<16}{'tried':>7}{'clear errors':>14}{'served':>8}{'crashes':>9}"]
-    for group in [*groups, "total"]:
-        part = [o for o in outcomes if group in ("total", o.group)]
-        clear = sum(o.ok and o.refused for o in part)
-        served = sum(o.ok and not o.refused for o in part)
-        lines.append(f"{group:<16}{len(part):>7}{clear:>14}{served:>8}{sum(o.crashed for o in part):>9}")
-    return "\n".join(lines)
+    return _outcome(case.name, case.group, ok, response.status_code >= 500, got, case.status >= 400)
 
 
 def test_hostile_corpus(live, janus) -> None:
@@ -78,8 +59,8 @@ def test_hostile_corpus(live, janus) -> None:
     with httpx.Client(base_url=live.url, timeout=60) as client:
         outcomes = [_send(client, case) for case in corpus]
     raw = _raw_outcomes(live)
-    everything = outcomes + raw
-    print("\n" + _table(everything))
+    everything = [record(o) for o in outcomes + raw]  # into the combined table (conftest prints it)
+    print("\n" + table(everything))
     wrong = [f"{o.case}: got {o.got}" for o in everything if not o.ok]
     assert not wrong, "\n".join(wrong)
     _assert_healthy(live, janus)
@@ -183,8 +164,8 @@ def _slow_cases(live: LiveServer) -> list[Outcome]:
             ok = closed and seconds < READ_TIMEOUT + 4 and (status is None or _status(reply) == status)
             if status == 408:
                 ok = ok and _error_of_raw(reply) == "request_timeout"
-            outcomes.append(Outcome(name, "slow client", ok, not closed, f"{_status(reply)} after {seconds:.1f} s"))
-    outcomes.append(Outcome("a normal request during slow-loris", "slow client",
+            outcomes.append(_outcome(name, "slow client", ok, not closed, f"{_status(reply)} after {seconds:.1f} s"))
+    outcomes.append(_outcome("a normal request during slow-loris", "slow client",
                             response.status_code == 200 and others_waited < 1.0, response.status_code >= 500,
                             f"{response.status_code} in {others_waited:.2f} s", refused=False))
     return _dedupe(outcomes)
@@ -254,7 +235,7 @@ def _malformed_cases(live: LiveServer) -> list[Outcome]:
             ok = reply.count(b"HTTP/1.1 200") == 2
         if code is not None:
             ok = ok and _error_of_raw(reply) == code
-        outcomes.append(Outcome(f"raw: {name}", "malformed HTTP", ok, got is None or got >= 500, f"{got}",
+        outcomes.append(_outcome(f"raw: {name}", "malformed HTTP", ok, got is None or got >= 500, f"{got}",
                                 refused=status >= 400))
     return outcomes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import signal
 import threading
 import time
@@ -19,6 +20,8 @@ import openai
 import pytest
 import torch
 from PIL import Image
+
+from janusvl import ContextLengthError, InputError
 
 from conftest import make_image
 from serving import LiveServer, ServeProcess, data_url, png_bytes
@@ -216,6 +219,45 @@ def test_bad_requests_get_openai_errors(server) -> None:
         client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
     assert "--allow-remote-images" in info.value.response.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_context_length_exceeded_is_openais_error(server, janus) -> None:
+    """A prompt and max_tokens beyond the context: 400, code context_length_exceeded, the counts
+    named; the library raises the same check as ContextLengthError (an InputError)."""
+    client = server.client()
+    context = janus.model.config.language_config.max_position_embeddings
+    prompt_tokens = len(janus.prompt([{"role": "user", "content": "hi"}], plain_text=True).ids)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=context)
+    error = info.value.response.json()["error"]
+    assert error == {"type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded",
+                     "message": f"prompt of {prompt_tokens} tokens + max_tokens {context} exceeds the model's "
+                                f"context of {context} tokens (max_position_embeddings); lower max_tokens to "
+                                f"at most {context - prompt_tokens}"}
+    with pytest.raises(ContextLengthError) as lib:
+        janus.chat("hi", max_new_tokens=context)
+    assert isinstance(lib.value, InputError)
+    assert (lib.value.prompt_tokens, lib.value.new_tokens, lib.value.context) == (prompt_tokens, context, context)
+    # max_completion_tokens is named as sent; a prompt that alone overflows names the messages.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=context)
+    assert "+ max_completion_tokens" in info.value.response.json()["error"]["message"]
+    long = "why " * (context + 10)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}], stream=stream)
+        error = info.value.response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert re.search(rf"the prompt alone needs \d+ tokens and the context holds {context}; shorten the text "
+                         r"by \d+ tokens$", error["message"]), error
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="tiny", prompt=long)
+    error = info.value.response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    assert f"with 576 image tokens that exceeds the model's context of {context}" in error["message"]
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"serving needs the serve extra ({exc.name} is missing): "
                            f"pip install 'janusvl[serve]'") from None
-    janus = load(args.model, args.device, args.dtype, args.quantize)
+    janus = load(args.model, args.device, args.dtype, args.quantize, max_image_pixels=args.max_image_pixels)
     engine = Engine(janus, max_batch=args.max_batch, max_queue=args.max_queue,
                     image_cache_mb=args.image_cache_mb, metrics=Metrics()).start()
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name

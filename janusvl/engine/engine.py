@@ -83,19 +83,20 @@ class Engine:
     def chat_request(self, messages: Messages | str, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
                      seed: int | None = None, stop: str | Sequence[str] | None = None,
-                     plain_text: bool = False) -> ChatRequest:
+                     plain_text: bool = False, length_name: str = "max_new_tokens") -> ChatRequest:
         """Check and preprocess a conversation (images are opened and resized here, in the
         caller's thread, once the prompt is known to fit). `max_new_tokens` None allows what the
         context leaves. With `plain_text`, special-token strings in the messages' text are
         ordinary text (the server's default: a user cannot end their turn or forge another by
-        typing `<|Assistant|>`)."""
+        typing `<|Assistant|>`). `length_name` is what a context-length error calls
+        `max_new_tokens` (the server's `max_tokens`)."""
         options = ChatOptions.check(max_new_tokens, temperature, top_p, top_k, seed, stop)
         n = validation.integer("n", n, minimum=1)
         prompt = self.janus.prompt(messages, plain_text=plain_text)
         if max_new_tokens is None:
             limit = self.model.config.language_config.max_position_embeddings
             max_new_tokens = max(limit - len(prompt.ids), 1)
-        max_new_tokens = self.janus.check_room(prompt, max_new_tokens)
+        max_new_tokens = self.janus.check_room(prompt, max_new_tokens, length_name)
         keys = [content_key(bytes(im)) if isinstance(im, (bytes, bytearray, memoryview)) else None
                 for im in prompt.images]
         one = self.processor.with_images(prompt.text, prompt.ids, prompt.images)

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import validation
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..validation import MAX_CFG_WEIGHT, MAX_IMAGES
 from ..messages import detect_roles
 from ..models.janus import MultiModalityCausalLM
@@ -55,8 +55,8 @@ def image_prompt_ids(model: MultiModalityCausalLM, processor: VLChatProcessor, p
     steps = image_grid(model) ** 2
     limit = model.config.language_config.max_position_embeddings
     if len(ids) + steps > limit:
-        raise InputError(f"prompt is {len(ids)} tokens; with {steps} image tokens that exceeds the "
-                         f"model's context of {limit} (max_position_embeddings)")
+        raise ContextLengthError(f"prompt is {len(ids)} tokens; with {steps} image tokens that exceeds the "
+                                 f"model's context of {limit} (max_position_embeddings)", len(ids), steps, limit)
     return ids
 
 

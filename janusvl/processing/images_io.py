@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageLoadError, InputError
+from ..errors import ImageLoadError, ImageTooLargeError, InputError
 from ..validation import integer
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
@@ -57,31 +57,42 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def check_size(image: Image.Image, what: str, limits: ImageLimits) -> None:
-    """Refuse an empty image or one over the pixel limit (PIL knows the size from the header)."""
+    """Refuse an empty image or one over the pixel limit (PIL knows the size from the header).
+    The one pixel check of every entry point: the library, the CLI and the server."""
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageLoadError(f"{what}: the image is empty ({width}x{height} pixels)")
     if width * height > limits.max_pixels:
-        raise ImageLoadError(f"{what}: {width}x{height} is {width * height:,} pixels, more than "
-                             f"max_image_pixels ({limits.max_pixels:,}); downscale it first")
+        raise ImageTooLargeError(f"{what}: {width}x{height} is {width * height:,} pixels, more than "
+                                 f"max_image_pixels ({limits.max_pixels:,}); downscale it first")
 
 
 def _check_bytes(size: int, what: str, limits: ImageLimits) -> None:
     if size > limits.max_bytes:
-        raise ImageLoadError(f"{what}: {size:,} bytes of encoded image, more than max_image_bytes "
-                             f"({limits.max_bytes:,})")
+        raise ImageTooLargeError(f"{what}: {size:,} bytes of encoded image, more than max_image_bytes "
+                                 f"({limits.max_bytes:,})")
+
+
+def open_header(data: bytes, what: str, limits: ImageLimits) -> Image.Image:
+    """`data` opened lazily: its header is read and checked by `check_size`, no pixel is decoded."""
+    _check_bytes(len(data), what, limits)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2 x 89 MP), checked at open
+        raise ImageTooLargeError(f"{what}: {str(exc).rstrip('.')}; more than max_image_pixels "
+                                 f"({limits.max_pixels:,})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"{what}: not a readable image (unknown or unsupported format)") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageLoadError(f"{what}: not a readable image ({exc})") from None
+    check_size(image, what, limits)
+    return image
 
 
 def _decode(data: bytes, what: str, limits: ImageLimits) -> Image.Image:
-    _check_bytes(len(data), what, limits)
+    image = open_header(data, what, limits)
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        check_size(image, what, limits)
         image.load()  # decode now, so a broken file fails here and not deep inside preprocessing
-    except ImageLoadError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(f"{what}: not a readable image (unknown or unsupported format)") from None
     except _DECODE_ERRORS as exc:
         raise ImageLoadError(f"{what}: not a readable image ({exc})") from None
     return image

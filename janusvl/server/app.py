@@ -22,10 +22,11 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import ChatRequest, Delta, Engine, Failed, Finished, ImagesDone, Progress, RowDone
 from ..engine.requests import Event
-from ..errors import ImageLoadError, JanusError
+from ..errors import ContextLengthError, ImageLoadError, JanusError
+from ..processing.images_io import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, open_header
 from .errors import APIError, as_api_error, failure_response, install_error_handlers
 from .guard import RequestGuard
-from .images import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image, load_image_url
+from .images import load_image_url
 from .schemas import ChatCompletionRequest, ImageGenerationRequest, Message as ChatMessage, error_responses
 
 # Seconds between checks that a client waiting for a whole answer is still there.
@@ -45,7 +46,7 @@ class ServerOptions:
     cors_origins: Sequence[str] = ()
     allow_remote_images: bool = False
     max_body_bytes: int = 20 * 2**20
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # width x height, read from the header before decoding
     read_timeout: float = 30.0  # seconds a client has for a request's head, and then for its body
     # Off: special-token strings in request text are ordinary text (see processing.plain_text).
     allow_special_tokens: bool = False
@@ -146,13 +147,14 @@ def create_app(engine: Engine, options: ServerOptions, state: ServerState | None
         check_model(body.model)
         _check_unsupported(body)
         messages = await run_in_threadpool(_to_messages, body.messages, options)
+        length_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         try:
             req = await run_in_threadpool(
                 engine.chat_request, messages, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
-                stop=body.stop, plain_text=not options.allow_special_tokens)
+                stop=body.stop, plain_text=not options.allow_special_tokens, length_name=length_name)
         except JanusError as exc:
-            raise as_api_error(exc, "messages" if isinstance(exc, ImageLoadError) else None) from None
+            raise as_api_error(exc, _chat_param(exc, length_name)) from None
         events = submit(req)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
         if body.stream:
@@ -240,9 +242,18 @@ def _check_unsupported(body: ChatCompletionRequest) -> None:
         raise APIError(400, "stop must be at most 16 non-empty strings", param="stop", code="invalid_value")
 
 
+def _chat_param(exc: JanusError, length_name: str) -> str | None:
+    """The request field a chat error is about: the messages, or the answer's length when the
+    messages alone fit the context (OpenAI names "messages" for context errors)."""
+    if isinstance(exc, ContextLengthError):
+        return length_name if exc.prompt_tokens < exc.context else "messages"
+    return "messages" if isinstance(exc, ImageLoadError) else None
+
+
 def _to_messages(messages: list[ChatMessage], options: ServerOptions) -> list[dict[str, Any]]:
     """OpenAI messages -> janusvl's, with every image URL turned into its bytes (checked to be an
-    image of a size the server takes before anything decodes it)."""
+    image of a size the server takes before anything decodes it, by the library's own check)."""
+    limits = ImageLimits(max_pixels=options.max_image_pixels, max_bytes=options.max_body_bytes)
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role in ("system", "developer") else message.role
@@ -257,10 +268,9 @@ def _to_messages(messages: list[ChatMessage], options: ServerOptions) -> list[di
             where = f"messages[{i}].content[{j}].image_url.url"
             try:
                 data = load_image_url(part.image_url.url, options.allow_remote_images, options.max_body_bytes)
-                check_image(data, options.max_image_pixels)
+                open_header(data, where, limits).close()
             except ImageLoadError as exc:
-                code = "image_too_large" if isinstance(exc, ImageTooLarge) else "invalid_image"
-                raise APIError(400, f"bad image: {exc}", param=where, code=code) from None
+                raise as_api_error(exc, where) from None
             parts.append({"type": "image", "image": data})
         out.append({"role": role, "content": parts})
     return out

@@ -1,9 +1,9 @@
 """Every error the server answers, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 `code` tells clients what went wrong without parsing the message: invalid_json, invalid_value,
-unsupported_parameter, invalid_image, image_too_large, model_not_found, not_found,
-method_not_allowed, unsupported_media_type, body_too_large, headers_too_large, request_timeout,
-invalid_http, invalid_api_key, queue_full, shutting_down.
+unsupported_parameter, context_length_exceeded, invalid_image, image_too_large, model_not_found,
+not_found, method_not_allowed, unsupported_media_type, body_too_large, headers_too_large,
+request_timeout, invalid_http, invalid_api_key, queue_full, shutting_down.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImageLoadError, InputError, JanusError, OverloadedError, UnavailableError
+from ..errors import (ContextLengthError, ImageLoadError, ImageTooLargeError, InputError, JanusError, OverloadedError,
+                      UnavailableError)
 
 
 def _printable(text: str | None) -> str | None:
@@ -53,7 +54,10 @@ def as_api_error(exc: BaseException, param: str | None = None) -> APIError:
     if isinstance(exc, UnavailableError):
         return APIError(503, str(exc), "service_unavailable", code="shutting_down")
     if isinstance(exc, ImageLoadError):
-        return APIError(400, f"bad image: {exc}", param=param, code="invalid_image")
+        code = "image_too_large" if isinstance(exc, ImageTooLargeError) else "invalid_image"
+        return APIError(400, f"bad image: {exc}", param=param, code=code)
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param=param, code="context_length_exceeded")
     if isinstance(exc, InputError):
         return APIError(400, str(exc), param=param, code="invalid_value")
     return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import ipaddress
 import socket
 import time
@@ -19,42 +18,16 @@ import urllib.error
 import urllib.request
 from urllib.parse import urljoin, urlsplit
 
-from PIL import Image
-
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, ImageTooLargeError
 
 MAX_REDIRECTS = 3
 FETCH_TIMEOUT_S = 15.0
-DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo (7300 x 5470) fits
-
-
-class ImageTooLarge(ImageLoadError):
-    """An image whose header claims more pixels than the server decodes."""
-
-
-def check_image(data: bytes, max_pixels: int) -> None:
-    """Refuse bytes that are not an image, or whose size (read from the header, nothing
-    decoded) is empty or over `max_pixels`."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
-        raise ImageTooLarge(f"the image is larger than this server takes ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for unreadable headers
-        raise ImageLoadError(f"not a readable image ({exc})") from None
-    if width < 1 or height < 1:
-        raise ImageLoadError(f"the image is empty ({width}x{height} pixels)")
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels; this server takes at most "
-                            f"{max_pixels:,} (--max-image-pixels)")
-
-
 def decode_data_url(url: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
         raise ImageLoadError(f"expected a 'data:image/<type>;base64,<data>' URL, got {url[:40]!r}...")
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ImageLoadError(f"the image is larger than {max_bytes} bytes")
+        raise ImageTooLargeError(f"the image is larger than {max_bytes} bytes")
     try:
         return base64.b64decode(payload, validate=True)
     except binascii.Error as exc:
@@ -117,5 +90,5 @@ def fetch_public(url: str, max_bytes: int, timeout: float = FETCH_TIMEOUT_S) -> 
                 if not block:
                     return data
                 data += block
-        raise ImageLoadError(f"the image at {url[:60]!r} is larger than {max_bytes} bytes")
+        raise ImageTooLargeError(f"the image at {url[:60]!r} is larger than {max_bytes} bytes")
     raise ImageLoadError(f"more than {MAX_REDIRECTS} redirects fetching the image")
