@@ -4,10 +4,12 @@ bounds; and each CPU class gets the kernels meant for it.
 
 CPU classes: with native bf16 (AVX-512 BF16, AMX), `optimize` fuses q/k/v and gate/up and runs
 every projection in the faster (measured) of oneDNN's packed kernel and the plain one, both
-bit-identical; without it (AVX2), in fbgemm's fp16-weight kernel (`HalfLinear`), prompts and
+bit-identical; without it (AVX2), in the faster of janusvl's AVX2 kernel and fbgemm's fp16-weight
+kernel (`AvxLinear`, `HalfLinear`), prompts and
 decoding alike; int8 runs fbgemm's dynamic kernel on decode-sized calls (7-bit activations without
 VNNI) and int8 weights x activations on prompts. Detection is monkeypatched so every selection is
-checked on every CPU; only running oneDNN's packed kernel needs the CPU.
+checked on every CPU; only running oneDNN's packed kernel needs the CPU. On AVX2 each of the two
+kernels (janusvl's own `AvxLinear`, fbgemm's `HalfLinear`) is tested as the one chosen.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import rel_error
-from janusvl import InputError, Janus, MultiModalityCausalLM
+from janusvl import InputError, Janus, MultiModalityCausalLM, kernels
 from janusvl.generation.text import decode_step, generate, prefill
 from janusvl.models import fast, layers
 from janusvl.models.fast import Int8Linear, PackedLinear, can_pack, optimize, release_pages
@@ -108,6 +110,28 @@ def avx2_cpu(monkeypatch) -> None:
     monkeypatch.setattr(fast, "_CHOSEN", {})
 
 
+AVX2_KERNELS = {"avx2-half": fast.AvxLinear, "fbgemm-fp16": fast.HalfLinear}
+
+
+def avx2_kernel_calls(name: str) -> tuple[object, str]:
+    """Where each AVX2 kernel's products go, to record them: (owner, attribute)."""
+    if name == "avx2-half":
+        return kernels.load(), "half_linear"
+    return torch.ops.quantized, "linear_dynamic_fp16"
+
+
+@pytest.fixture(params=list(AVX2_KERNELS))
+def avx2_kernel(request, avx2_cpu, monkeypatch) -> str:
+    """A CPU without native bf16 on which the measurement picked this kernel (each is tested)."""
+    name = request.param
+    if name == "avx2-half" and kernels.unavailable_reason() is not None:
+        pytest.skip(f"janusvl's AVX2 kernel cannot run here: {kernels.unavailable_reason()}")
+    if name == "avx2-half":
+        assert kernels.load() is not None, "janusvl's AVX2 kernel did not build (see the warning)"
+    monkeypatch.setattr(fast, "_decode_cost", lambda layer, weight: 0.0 if type(layer) is AVX2_KERNELS[name] else 1.0)
+    return name
+
+
 # --- bf16: fusion and packing --------------------------------------------------------------------
 
 def test_fusion_is_exact_on_every_cpu(gqa_dir, packing_cpu) -> None:
@@ -152,20 +176,21 @@ def test_packed_bf16_is_bit_identical(gqa_dir) -> None:
         assert torch.equal(generate(plain.language_model, embeds, **kw), generate(fast_.language_model, embeds, **kw))
 
 
-def test_without_native_bf16_every_projection_runs_fbgemm_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
+def test_without_native_bf16_every_projection_runs_the_chosen_kernel_in_fp32(tiny_dir, avx2_kernel, monkeypatch) -> None:
     """What `Janus.from_pretrained` gives a bf16 checkpoint on an AVX2 CPU: every decoder
-    projection (fused) and the head in fbgemm's fp16-weight kernel, for prompts and decoding alike,
-    on fp32 activations; no bf16 product reaches torch's own kernels (scalar loops there)."""
+    projection (fused) and the head in the kernel measured fastest (either of the two), for prompts
+    and decoding alike, on fp32 activations; no bf16 product reaches torch's own kernels (scalar
+    loops there)."""
     model = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16").model
-    lm = model.language_model
-    assert lm.kernel == "fbgemm-fp16"
+    lm, kind = model.language_model, AVX2_KERNELS[avx2_kernel]
+    assert lm.kernel == avx2_kernel
     halves = [lm.lm_head] + [m for layer in lm.model.layers for m in (
         layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    assert all(type(m) is fast.HalfLinear and m.exact for m in halves)
+    assert all(type(m) is kind and m.exact for m in halves)
     generation = [model.gen_head.output_mlp_projector, model.gen_head.vision_head,
                   *[m for m in model.gen_aligner.modules() if m.__class__.__name__.endswith("Linear")]]
-    assert len(generation) >= 4 and all(type(m) is fast.HalfLinear for m in generation)
-    calls = record(monkeypatch, torch.ops.quantized, "linear_dynamic_fp16", lambda x, packed: (rows(x), x.dtype))
+    assert len(generation) >= 4 and all(type(m) is kind for m in generation)
+    calls = record(monkeypatch, *avx2_kernel_calls(avx2_kernel), lambda x, weight: (rows(x), x.dtype))
     plain = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
     embeds, mask = prompt(model)
     B, T, _ = embeds.shape
@@ -175,6 +200,41 @@ def test_without_native_bf16_every_projection_runs_fbgemm_in_fp32(tiny_dir, avx2
     assert seen["prefill"][1] == [(B * T, torch.float32)] * 4 * n + [(B, torch.float32)]
     assert seen["decode"][1] == [(B, torch.float32)] * (4 * n + 1)
     assert plain == []
+
+
+def test_avx2_kernel_is_the_fp32_product_of_the_loaded_weights_whatever_the_batch(tiny_dir, avx2_kernel) -> None:
+    """AvxLinear reads the loaded bf16 (and fp16) weights in place and sums in fp32: against an
+    fp64 product within what fp32 sums of K terms allow. Each output is summed in one fixed order,
+    so every row of a product of M rows equals, to the bit, that row multiplied alone (all row
+    counts of the kernel's tiles and their remainders), unlike fbgemm's and MKL's kernels."""
+    if avx2_kernel != "avx2-half":
+        pytest.skip("AvxLinear only")
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        weight = (torch.randn(101, 256, generator=g) * 0.05).to(dtype)  # 101: a remainder after every tile width
+        layer = fast.AvxLinear(weight, None)
+        assert layer.weight.data_ptr() == weight.data_ptr()  # in place: no copy, no repacking
+        x = torch.randn(19, 256, generator=g)
+        y = layer(x)
+        exact = x.double() @ weight.double().T
+        bound = weight.shape[1] * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
+        assert ((y.double() - exact).abs() <= bound).all()
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(19)])
+        for M in range(1, 20):
+            assert torch.equal(layer(x[:M]), alone[:M]), M
+    bias = torch.randn(101, generator=g).bfloat16()
+    layer = fast.AvxLinear(weight.bfloat16(), bias)
+    assert torch.equal(layer(x), (fast.AvxLinear(weight.bfloat16(), None)(x) + bias.float()))
+    assert not fast.AvxLinear(torch.randn(8, 12).bfloat16(), None).exact  # K not a multiple of 8: plain layer
+    plain, half = load(tiny_dir), load(tiny_dir, fast=True)
+    assert half.language_model.kernel == "avx2-half"
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        b = half.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        assert rel_error(b, a) < 2e-3
+        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
 
 
 def test_without_native_bf16_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
@@ -203,11 +263,12 @@ def test_without_native_bf16_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir
     assert rel_error(a, b) < 1e-2
 
 
-def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_cpu) -> None:
+def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_cpu, monkeypatch) -> None:
     """HalfLinear holds every bf16 weight exactly (checked by unpacking fbgemm's copy) and its
     products are fp32 sums of them: against an fp64 product, within what fp32 sums of K terms
     allow; the whole bf16 decoder then tracks the plain bf16 path as closely as fp32 and bf16
     rounding allow, and greedy decoding picks the same tokens."""
+    monkeypatch.setattr(fast, "_decode_cost", lambda layer, weight: 0.0 if type(layer) is fast.HalfLinear else 1.0)
     plain, half = load(tiny_dir), load(tiny_dir, fast=True)
     head = half.language_model.lm_head
     weight = plain.language_model.lm_head.weight

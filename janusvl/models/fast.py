@@ -8,9 +8,10 @@ products depends on the CPU, and is measured once per process (`pick_kernel`):
   `F.linear` for one row and bit-identical to it (same kernel, same accumulation order).
 - Without it (AVX2): torch's bf16 product is a fast matrix-vector loop for one row but a scalar
   loop for 2 or more (a 2048x5632 product with 8 rows at 2.6 GB/s, one row at 15.6), and prompts
-  paid for widening every weight to fp32 per call. fbgemm's fp16-weight kernel reads the same
-  bytes as bf16, computes in fp32 and vectorises any number of rows (25 GB/s for one row, 8 rows
-  at 4x the work of one in the same time): `HalfLinear`.
+  paid for widening every weight to fp32 per call. Two kernels compute in fp32 on the exact
+  weights for any number of rows: janusvl's own (`AvxLinear`, `janusvl.kernels`: reads the
+  loaded weights in place, each output summed in one order whatever the batch) and fbgemm's
+  fp16-weight kernel (`HalfLinear`: a repacked fp16 copy of every weight); the faster is kept.
 
 int8 quantisation (one scale per output row) halves the bytes read again.
 """
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .. import kernels
 from .layers import Linear, emulated, linear, native_bf16
 from .llama import LlamaForCausalLM
 
@@ -80,6 +82,26 @@ class HalfLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
         y.mul_(self.unscale)  # exact: a power of two per output
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class AvxLinear(nn.Module):
+    """y = x W^T (+ b) in fp32 arithmetic by janusvl's own AVX2 kernel (`janusvl.kernels`), W the
+    loaded bf16/fp16 weight itself: no copy, no repacking. Each output is summed in the same order
+    whatever the number of rows, so a batched row equals the row alone."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.kernel = kernels.load()
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach().float()
+        self.exact = self.weight.stride(1) == 1 and self.in_features % 8 == 0  # what the kernel takes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -234,9 +256,12 @@ def kernel_candidates(weight: torch.Tensor) -> dict[str, type[nn.Module]]:
         return {}
     if can_pack(weight):
         return {"onednn-bf16": PackedLinear, "torch": PlainLinear}
+    candidates: dict[str, type[nn.Module]] = {}
+    if emulated(weight) and kernels.load() is not None:
+        candidates["avx2-half"] = AvxLinear
     if emulated(weight) and has_fbgemm():
-        return {"fbgemm-fp16": HalfLinear}
-    return {}
+        candidates["fbgemm-fp16"] = HalfLinear
+    return candidates
 
 
 # Kernel names chosen in this process, by (dtype, candidates): measured once, reused for every model.
@@ -306,7 +331,7 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
             return lm  # nothing faster than plain F.linear for this device and dtype
         lm.kernel, kind = picked
         make = functools.partial(_exact_or_plain, kind)
-    release = lm.kernel != "torch"  # the plain kernel reads the loaded weights themselves
+    release = lm.kernel not in ("torch", "avx2-half")  # these read the loaded weights themselves
 
     def rewrite(layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp

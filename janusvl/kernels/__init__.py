@@ -1,0 +1,89 @@
+"""janusvl's own CPU kernels, compiled from source on first use with the machine's C++ compiler.
+
+`half_linear(x, W)`: x float32 [M, K] times half-precision weights W [N, K] (bf16 or fp16, read
+in place, no repacking), in fp32 arithmetic, on AVX2 + FMA + F16C. It exists for CPUs without
+native bf16, where torch multiplies two or more rows by bf16 weights in a scalar loop and
+fbgemm's fp16 kernel needs a repacked copy of every weight. Each output is a dot product summed
+in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's rows equal
+the same rows computed alone.
+
+The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
+$JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.
+Where it cannot be built, or the CPU lacks the instructions, `load()` returns None and the
+callers keep the kernels torch has. JANUSVL_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("half_linear.cpp")
+NEEDED_FLAGS = ("avx2", "fma", "f16c")
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None when they can (they may still fail to build)."""
+    if os.environ.get("JANUSVL_KERNELS", "1") == "0":
+        return "JANUSVL_KERNELS=0"
+    missing = [flag for flag in NEEDED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def build_directory() -> Path:
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("JANUSVL_KERNEL_CACHE", Path.home() / ".cache" / "janusvl" / "kernels"))
+    return root / tag
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels (built on the first call of a version), or None where they cannot run."""
+    with _lock:
+        if "module" not in _loaded:
+            _loaded["module"] = _build()
+        return _loaded["module"]
+
+
+def _build() -> ModuleType | None:
+    if unavailable_reason() is not None:
+        return None
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        print("janusvl: compiling its CPU kernel (once per version, about half a minute)...", file=sys.stderr)
+    try:
+        return cpp_extension.load(
+            name=f"janusvl_half_linear_{directory.name}", sources=[str(SOURCE)], build_directory=str(directory),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's kernels
+        warnings.warn(f"janusvl could not build its CPU kernel ({type(exc).__name__}: {str(exc)[:300]}); "
+                      "half-precision decoding falls back to torch's kernels", RuntimeWarning, stacklevel=3)
+        return None
