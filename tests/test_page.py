@@ -164,6 +164,11 @@ def test_server_errors_appear_in_the_page(browser, janus, tmp_path) -> None:
     big.write_bytes(png_bytes(make_image(400, 400, seed=6)))  # ~0.5 MB encoded
     with LiveServer(janus, max_body_bytes=100_000) as live:
         page = Page(browser, live.url, width=390, height=800)  # a phone-sized screen
+        # nothing wider than the screen: no sideways scrolling, every control in view
+        assert page.page.evaluate("() => document.documentElement.scrollWidth") <= 390
+        for testid in ("chat-tab", "imagine-tab", "api-key", "chat-input", "chat-send", "chat-new", "max-tokens"):
+            box = page.by(testid).bounding_box()
+            assert box and 0 <= box["x"] and box["x"] + box["width"] <= 390, testid
         page.by("chat-image-input").set_input_files(str(big))
         page.page.locator("#pending img").wait_for()
         page.by("chat-input").fill("Describe it.")
