@@ -3,10 +3,14 @@ Playwright; scripts/test.sh installs it) against a live server over the tiny che
 
 from __future__ import annotations
 
+import base64
+import gc
 import os
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import make_image
@@ -39,15 +43,19 @@ def server(janus):
 
 class Page:
     """A fresh page on the server, recording console errors (network refusals aside: the tests
-    provoke some on purpose and the page shows them in its error element)."""
+    provoke some on purpose and the page shows them in its error element) and any request that
+    leaves the server (the page must work offline: no CDN, no fonts from elsewhere)."""
 
     def __init__(self, browser, url: str, width: int = 1100, height: int = 800) -> None:
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
         self.errors: list[str] = []
+        self.foreign: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
                      and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: r.url.startswith((url + "/", "data:", "blob:"))
+                     or self.foreign.append(r.url))
         self.page.goto(url)
 
     def by(self, testid: str):
@@ -58,7 +66,7 @@ class Page:
         assert path.stat().st_size > 1000
 
     def close(self) -> None:
-        assert self.errors == []
+        assert self.errors == [] and self.foreign == []
         self.context.close()
 
 
@@ -140,6 +148,11 @@ def test_imagine_shows_progress_and_two_images(browser, server, tmp_path) -> Non
     assert sizes == [[384, 384], [384, 384]]
     assert page.page.eval_on_selector("[data-testid=imagine-progress]", "e => e.value") == 576
     assert page.page.locator("#gallery a[download]").count() == 2
+    shown = page.page.eval_on_selector_all("[data-testid=imagine-image]", "els => els.map(e => e.src)")
+    reply = httpx.post(server.url + "/v1/images/generations", timeout=120, json={
+        "model": "tiny", "prompt": "a lighthouse at dusk", "n": 2, "seed": 3, "cfg_weight": 5, "temperature": 1,
+        "response_format": "b64_json", "size": "384x384"})
+    assert shown == ["data:image/png;base64," + d["b64_json"] for d in reply.json()["data"]]
     page.shot(tmp_path / "imagine.png")
     if SCREENSHOTS:
         page.shot(Path(SCREENSHOTS) / "imagine.png")
@@ -151,6 +164,11 @@ def test_server_errors_appear_in_the_page(browser, janus, tmp_path) -> None:
     big.write_bytes(png_bytes(make_image(400, 400, seed=6)))  # ~0.5 MB encoded
     with LiveServer(janus, max_body_bytes=100_000) as live:
         page = Page(browser, live.url, width=390, height=800)  # a phone-sized screen
+        # nothing wider than the screen: no sideways scrolling, every control in view
+        assert page.page.evaluate("() => document.documentElement.scrollWidth") <= 390
+        for testid in ("chat-tab", "imagine-tab", "api-key", "chat-input", "chat-send", "chat-new", "max-tokens"):
+            box = page.by(testid).bounding_box()
+            assert box and 0 <= box["x"] and box["x"] + box["width"] <= 390, testid
         page.by("chat-image-input").set_input_files(str(big))
         page.page.locator("#pending img").wait_for()
         page.by("chat-input").fill("Describe it.")
@@ -189,8 +207,6 @@ def test_keyboard_reaches_the_controls(browser, server, tmp_path) -> None:
 
 
 def test_images_attach_by_drop_and_paste(browser, server, tmp_path) -> None:
-    import base64
-
     page = Page(browser, server.url)
     b64 = base64.b64encode(png_bytes(make_image(32, 32, seed=8))).decode()
     make = """(b64) => { const dt = new DataTransfer();
@@ -207,4 +223,65 @@ def test_images_attach_by_drop_and_paste(browser, server, tmp_path) -> None:
     answer = _ask(page, "Two pictures?", max_tokens=6)
     assert page.page.locator(".user .thumbs img").count() == 2 and answer
     page.shot(tmp_path / "drop-paste.png")
+    page.close()
+
+
+def _released(server: LiveServer, timeout: float = 15) -> None:
+    """The engine holds nothing of the requests it was given: no request, job or image buffer."""
+    server.wait_idle(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        stats = server.engine.stats()
+        if not (stats.requests_alive or stats.jobs_alive or stats.image_bytes):
+            return
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+
+
+def test_imagine_stop_cancels_the_job_on_the_server(browser, server, tmp_path) -> None:
+    page = Page(browser, server.url)
+    made = server.metric("janusvl_image_generations_total")
+    page.by("imagine-tab").click()
+    page.by("imagine-prompt").fill("a field of sunflowers")
+    page.by("imagine-n").fill("16")
+    page.by("imagine-go").click()
+    page.page.wait_for_function("() => document.querySelector('[data-testid=imagine-progress]').value > 2")
+    assert page.by("imagine-go").is_disabled()
+    page.by("imagine-stop").click()
+    page.page.wait_for_function("() => !document.querySelector('[data-testid=imagine-go]').disabled")
+    _released(server)
+    assert server.metric("janusvl_requests_running") == 0
+    assert server.metric("janusvl_image_generations_total") == made  # no image was finished
+    assert page.page.eval_on_selector("[data-testid=imagine-progress]", "e => e.value") < 576
+    assert page.by("imagine-image").count() == 0 and page.by("error").inner_text() == ""
+    page.shot(tmp_path / "imagine-stopped.png")
+    page.close()
+
+
+def test_shift_enter_adds_a_line_and_the_settings_reach_the_server(browser, server, tmp_path) -> None:
+    """Shift+Enter adds a line without sending; temperature, top-p, seed and max tokens go with the
+    request: the sampled answer is the API's for the same settings (and another seed's differs)."""
+    page = Page(browser, server.url)
+    box = page.by("chat-input")
+    box.fill("Tell me")
+    box.press("Shift+Enter")
+    box.press_sequentially("a story.")
+    assert box.input_value() == "Tell me\na story." and page.by("user-message").count() == 0
+    for testid, value in (("temperature", "1"), ("top-p", "0.9"), ("seed", "7"), ("max-tokens", "16")):
+        page.by(testid).fill(value)
+    box.press("Enter")
+    page.page.wait_for_function(
+        "() => document.querySelector('[data-testid=assistant-message]')?.dataset.state === 'done'", timeout=60000)
+    answer = page.by("assistant-message").last.inner_text()
+    assert page.by("user-message").first.inner_text() == "Tell me\na story."
+
+    def api(seed: int) -> str:
+        message = {"role": "user", "content": [{"type": "text", "text": "Tell me\na story."}]}
+        reply = server.client().chat.completions.create(model="tiny", messages=[message], max_tokens=16,
+                                                        temperature=1, top_p=0.9, seed=seed)
+        return reply.choices[0].message.content
+
+    assert answer == api(7) != api(8)
+    page.shot(tmp_path / "settings.png")
     page.close()
