@@ -222,6 +222,10 @@ def test_avx2_kernel_is_the_fp32_product_of_the_loaded_weights_whatever_the_batc
         alone = torch.cat([layer(x[i:i + 1]) for i in range(19)])
         for M in range(1, 20):
             assert torch.equal(layer(x[:M]), alone[:M]), M
+        many = torch.randn(300, 256, generator=g)  # prompts: MKL's product over widened panels
+        exact = many.double() @ weight.double().T
+        bound = weight.shape[1] * 2.0 ** -24 * (many.double().abs() @ weight.double().abs().T)
+        assert ((layer(many).double() - exact).abs() <= bound).all()
     bias = torch.randn(101, generator=g).bfloat16()
     layer = fast.AvxLinear(weight.bfloat16(), bias)
     assert torch.equal(layer(x), (fast.AvxLinear(weight.bfloat16(), None)(x) + bias.float()))

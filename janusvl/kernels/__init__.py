@@ -3,9 +3,10 @@
 `half_linear(x, W)`: x float32 [M, K] times half-precision weights W [N, K] (bf16 or fp16, read
 in place, no repacking), in fp32 arithmetic, on AVX2 + FMA + F16C. It exists for CPUs without
 native bf16, where torch multiplies two or more rows by bf16 weights in a scalar loop and
-fbgemm's fp16 kernel needs a repacked copy of every weight. Each output is a dot product summed
-in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's rows equal
-the same rows computed alone.
+fbgemm's fp16 kernel needs a repacked copy of every weight. Up to 128 rows each output is a dot
+product summed in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's
+rows equal the same rows computed alone; more rows (prompts) go through MKL's fp32 product on
+weight panels widened in cache.
 
 The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
 $JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.

@@ -249,9 +249,10 @@ class PlainLinear(nn.Module):
 
 
 def kernel_candidates(weight: torch.Tensor) -> dict[str, type[nn.Module]]:
-    """The kernels that may run `weight` on this CPU, all of them without a scalar fallback and
-    none changing the model's results beyond the order of fp32 sums. Where bf16 is native, only the
-    bit-identical ones: parity with DeepSeek's pipeline holds there to the bit."""
+    """The kernels that may run `weight` on this CPU, in order of preference (janusvl's own AVX2
+    kernel first: it reads the weights in place and is batch-invariant), none with a scalar
+    fallback, none changing the model's results beyond the order of fp32 sums. Where bf16 is
+    native, only the bit-identical ones: parity with DeepSeek's pipeline holds there to the bit."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
         return {}
     if can_pack(weight):
@@ -263,6 +264,8 @@ def kernel_candidates(weight: torch.Tensor) -> dict[str, type[nn.Module]]:
         candidates["fbgemm-fp16"] = HalfLinear
     return candidates
 
+
+PREFERENCE_MARGIN = 1.15
 
 # Kernel names chosen in this process, by (dtype, candidates): measured once, reused for every model.
 _CHOSEN: dict[tuple[torch.dtype, tuple[str, ...]], str] = {}
@@ -279,7 +282,14 @@ def pick_kernel(weight: torch.Tensor) -> tuple[str, type[nn.Module]] | None:
         if len(candidates) == 1:
             _CHOSEN[key] = next(iter(candidates))
         else:
-            _CHOSEN[key] = min(candidates, key=lambda name: _decode_cost(candidates[name](weight, None), weight))
+            costs = {name: _decode_cost(kind(weight, None), weight) for name, kind in candidates.items()}
+            # In order of preference: a later candidate must be clearly faster to replace an
+            # earlier one (timing noise must not swap kernels between runs).
+            best = next(iter(costs))
+            for name, cost in costs.items():
+                if cost < costs[best] / PREFERENCE_MARGIN:
+                    best = name
+            _CHOSEN[key] = best
     name = _CHOSEN[key]
     return name, candidates[name]
 
