@@ -226,6 +226,8 @@ def test_avx2_kernel_is_the_fp32_product_of_the_loaded_weights_whatever_the_batc
         exact = many.double() @ weight.double().T
         bound = weight.shape[1] * 2.0 ** -24 * (many.double().abs() @ weight.double().abs().T)
         assert ((layer(many).double() - exact).abs() <= bound).all()
+        with torch.inference_mode():  # the panels' worker threads under inference mode and not
+            assert torch.equal(layer(many), layer(many.clone()))
     bias = torch.randn(101, generator=g).bfloat16()
     layer = fast.AvxLinear(weight.bfloat16(), bias)
     assert torch.equal(layer(x), (fast.AvxLinear(weight.bfloat16(), None)(x) + bias.float()))

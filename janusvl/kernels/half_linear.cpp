@@ -100,6 +100,7 @@ template <typename W>
 void run_panels(const torch::Tensor& x, const uint16_t* w, int64_t ldw, int64_t N, torch::Tensor& y) {
   const int64_t K = x.size(1);
   at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+    c10::InferenceMode guard;  // thread-local: the pool's threads must not track these tensors
     auto panel = torch::empty({kPanel, K}, x.options());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel, rows = std::min(N - n0, kPanel);
