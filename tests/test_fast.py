@@ -243,10 +243,12 @@ def test_avx2_kernel_is_the_fp32_product_of_the_loaded_weights_whatever_the_batc
         assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
 
 
-def test_without_native_bf16_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
-    """Where bf16 is emulated, a bf16 decoder's cache is fp32 (torch's bf16 attention slows with the
-    batch there) holding exactly the bf16-rounded keys and values, and decode-step attention runs
-    in fp32; the logits match a bf16 cache's up to fp32-vs-bf16 attention arithmetic."""
+def test_without_native_bf16_and_the_kernels_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
+    """Where bf16 is emulated and janusvl's kernels cannot run, a bf16 decoder's cache is fp32
+    (torch's bf16 attention slows with the batch there) holding exactly the bf16-rounded keys and
+    values, and decode-step attention runs in fp32; the logits match a bf16 cache's up to
+    fp32-vs-bf16 attention arithmetic."""
+    monkeypatch.setattr(kernels, "load", lambda: None)
     model = load(tiny_dir)
     lm = model.language_model
     embeds, mask = prompt(model)
@@ -267,6 +269,51 @@ def test_without_native_bf16_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir
         prefill(lm, embeds, mask, half)
         b = decode_step(lm, torch.tensor([5, 9]), mask.sum(-1, keepdim=True), half)
     assert rel_error(a, b) < 1e-2
+
+
+def test_without_native_bf16_decoding_attends_through_the_kernel_over_a_bf16_cache(tiny_dir, avx2_cpu, monkeypatch) -> None:
+    """With janusvl's kernels, the cache keeps bf16 (half the bytes of fp32) and each decode step's
+    attention runs `decode_attention` (left padding masked), giving the fp32 cache's logits up to
+    the order of fp32 sums; prompts still attend through torch in fp32. The kernel itself matches
+    an fp64 reference with grouped-query heads and masks, and a row alone equals the row in a batch."""
+    assert kernels.load() is not None
+    model = load(tiny_dir)
+    lm = model.language_model
+    embeds, mask = prompt(model)
+    B, T, _ = embeds.shape
+    cache = lm.model.new_cache(B, T + 1)
+    assert cache.k[0].dtype == torch.bfloat16
+    ids = torch.tensor([5, 9])
+    with torch.inference_mode():
+        prefill(lm, embeds, mask, cache)
+        calls = record(monkeypatch, kernels.load(), "decode_attention",
+                       lambda q, k, v, valid, scale: (tuple(q.shape), None if valid is None else valid.shape))
+        torch_calls = record(monkeypatch, F, "scaled_dot_product_attention", lambda q, k, v, **_: q.shape[2])
+        a = decode_step(lm, ids, mask.sum(-1, keepdim=True), cache)
+        assert calls == [((B, lm.config.num_attention_heads, 1, lm.config.head_dim), (B, T + 1))] * len(lm.model.layers)
+        assert torch_calls == []
+        monkeypatch.setattr(kernels, "load", lambda: None)  # the same model with an fp32 cache
+        wide = lm.model.new_cache(B, T + 1)
+        assert wide.k[0].dtype == torch.float32
+        prefill(lm, embeds, mask, wide)
+        b = decode_step(lm, ids, mask.sum(-1, keepdim=True), wide)
+    assert rel_error(a.float(), b.float()) < 1e-3
+    monkeypatch.undo()
+    op = kernels.load().decode_attention
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.bfloat16, torch.float16):
+        k = torch.randn(3, 2, 40, 64, generator=g).to(dtype)[:, :, :37]  # a cache's view: capacity 40, 37 used
+        v = torch.randn(3, 2, 40, 64, generator=g).to(dtype)[:, :, :37]
+        q = torch.randn(3, 8, 1, 64, generator=g)
+        valid = torch.rand(3, 37, generator=g) > 0.3
+        valid[:, -1] = True
+        for m in (None, valid):
+            out = op(q, k, v, m, 0.125)
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.125, enable_gqa=True,
+                                                 attn_mask=None if m is None else m[:, None, None, :])
+            assert (out.double() - ref).abs().max() < 1e-5
+        alone = torch.cat([op(q[i:i + 1].contiguous(), k[i:i + 1], v[i:i + 1], valid[i:i + 1], 0.125) for i in range(3)])
+        assert torch.equal(alone, op(q, k, v, valid, 0.125))
 
 
 def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_cpu, monkeypatch) -> None:

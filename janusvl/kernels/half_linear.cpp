@@ -12,7 +12,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -136,8 +138,94 @@ torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+// One query per row (decoding) against a half-precision KV cache: out = softmax(q k^T * scale) v
+// for each row and head, the keys and values widened to fp32 in registers (a bf16 cache then
+// reads half the bytes of an fp32 one, and torch's attention has no fast half-precision path on
+// these CPUs). Each (row, head) is computed alone, in a fixed order: batch-invariant as above.
+template <typename W>
+void attend_one(const float* q, const uint16_t* k, const uint16_t* v, int64_t kv_stride, const bool* valid,
+                int64_t S, int64_t D, float scale, float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < S; ++t) {
+    if (valid != nullptr && !valid[t]) {
+      scores[t] = -INFINITY;
+      continue;
+    }
+    const uint16_t* kt = k + t * kv_stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), W::load(kt + d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), W::load(kt + d + 8), a1);
+    }
+    scores[t] = reduce(_mm256_add_ps(a0, a1)) * scale;
+    top = std::max(top, scores[t]);
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < S; ++t) {
+    scores[t] = std::exp(scores[t] - top);  // exp(-inf) = 0 for masked positions
+    total += scores[t];
+  }
+  constexpr int kMaxVectors = 32;  // head_dim up to 256
+  __m256 acc[kMaxVectors];
+  const int64_t vectors = D / 8;
+  for (int64_t i = 0; i < vectors; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < S; ++t) {
+    if (scores[t] == 0.f) continue;
+    const __m256 p = _mm256_set1_ps(scores[t]);
+    const uint16_t* vt = v + t * kv_stride;
+    for (int64_t i = 0; i < vectors; ++i) acc[i] = _mm256_fmadd_ps(p, W::load(vt + 8 * i), acc[i]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+  for (int64_t i = 0; i < vectors; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& valid, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(),
+              "decode_attention: q must be contiguous float32 [B, H, 1, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes() && k.strides() == v.strides() &&
+              (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf) && k.dim() == 4 &&
+              k.stride(3) == 1, "decode_attention: k and v must be bf16/fp16 [B, Hkv, S, D] alike");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % Hkv == 0 && D % 16 == 0 && D <= 256,
+              "decode_attention: shapes of q, k and v disagree");
+  const bool* mask = nullptr;
+  torch::Tensor valid_c;
+  if (valid.has_value()) {
+    valid_c = valid->contiguous();
+    TORCH_CHECK(valid_c.scalar_type() == at::kBool && valid_c.dim() == 2 && valid_c.size(0) == B &&
+                valid_c.size(1) == S, "decode_attention: valid must be bool [B, S]");
+    mask = valid_c.data_ptr<bool>();
+  }
+  auto out = torch::empty({B, H, 1, D}, q.options());
+  const auto* kp = static_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = static_cast<const uint16_t*>(v.data_ptr());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv;
+  const bool bf16 = k.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const int64_t offset = b * k.stride(0) + (h / group) * k.stride(1);
+      const bool* row_valid = mask == nullptr ? nullptr : mask + b * S;
+      if (bf16)
+        attend_one<BF16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
+                         static_cast<float>(scale), scores.data(), op + i * D);
+      else
+        attend_one<FP16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
+                         static_cast<float>(scale), scores.data(), op + i * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_linear", &half_linear, "y = x W^T, x float32 [M, K], W bfloat16/float16 [N, K]; float32 [M, N]");
+  m.def("decode_attention", &decode_attention, "one query per row over a bf16/fp16 KV cache; float32 [B, H, 1, D]",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("valid") = pybind11::none(),
+        pybind11::arg("scale"));
 }

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import kernels
 from .layers import attention, emulated
 
 # Every cache not yet freed, wherever it is held: what lets a test (and Engine.stats) prove that
@@ -45,8 +46,9 @@ class KVCache:
     ) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
         # Where bf16/fp16 are emulated (AVX2), torch's attention over a half-precision cache slows
-        # down with the batch (8 rows: 3x the fp32 time): such caches hold the same values in fp32.
-        if emulated(torch.empty(0, dtype=dtype, device=device)):
+        # down with the batch (8 rows: 3x the fp32 time): decoding attends through janusvl's
+        # kernel there (`decode_attention`), or without it the cache holds the same values in fp32.
+        if emulated(torch.empty(0, dtype=dtype, device=device)) and kernels.load() is None:
             dtype = torch.float32
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -102,6 +104,10 @@ class KVCache:
                mask: torch.Tensor | None, enable_gqa: bool) -> torch.Tensor:
         """Store k, v [B, Hkv, T, hd] and attend q [B, H, T, hd] over every key so far."""
         k, v = self.update(layer, k, v)  # [B, Hkv, S, hd]
+        if q.shape[2] == 1 and emulated(k) and (kernel := kernels.load()) is not None:
+            valid = None if mask is None else mask[:, 0, 0, :]  # [B, 1, 1, S] -> [B, S]
+            out = kernel.decode_attention(q.float().contiguous(), k, v, valid, q.shape[-1] ** -0.5)
+            return out.to(q.dtype)
         return attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                          enable_gqa=enable_gqa)
 
