@@ -328,7 +328,7 @@ def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
     g = torch.Generator().manual_seed(0)
     for N, K in [(96, 160), (160, 64)]:
         w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
-        layer = quant.Int4Linear(w, None)
+        layer = quant.Int4Linear.from_weight(w, None)
         G = layer.group_size
         assert G == (32 if K == 160 else 64) and layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == N * K // 2
         d = layer.dequantized()
@@ -338,13 +338,13 @@ def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
         x = torch.randn(5, K, generator=g).bfloat16()
         assert rel_error(layer(x).float(), x.float() @ d.T) < 4e-3
     with pytest.raises(ValueError, match="divisible by 32"):
-        quant.Int4Linear(torch.randn(8, 48), None)
+        quant.Int4Linear.from_weight(torch.randn(8, 48), None)
 
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
     monkeypatch.setattr(quant, "_HAS_VNNI", vnni)
-    layer = Int8Linear(torch.randn(32, 16).to(torch.bfloat16), None)
+    layer = Int8Linear.from_weight(torch.randn(32, 16).to(torch.bfloat16), None)
     dynamic = record(monkeypatch, torch.ops.quantized, "linear_dynamic", lambda x, packed, reduce_range: reduce_range)
     layer(torch.randn(2, 16).to(torch.bfloat16))
     assert dynamic == [not vnni]
@@ -367,7 +367,7 @@ def test_vnni_is_read_from_cpuinfo(monkeypatch, flags: str | None, vnni: bool) -
 
 def test_int8_linear_dequantises_to_the_weight() -> None:
     w = torch.randn(64, 32).to(torch.bfloat16)
-    layer = Int8Linear(w, None)
+    layer = Int8Linear.from_weight(w, None)
     x = torch.randn(3, 32).to(torch.bfloat16)
     dequantised = layer.qweight.float() * layer.scale.float()[:, None]
     assert ((dequantised - w.float()).abs() <= layer.scale.float()[:, None] / 2 + 1e-6).all()

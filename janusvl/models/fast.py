@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from .layers import Linear, emulated, linear, native_bf16
 from .llama import LlamaForCausalLM
-from .quant import SCHEMES, Int4Linear, Int8Linear, has_fbgemm
+from .quant import QUANTIZERS, SCHEMES, has_fbgemm, quantized_kernel
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -99,10 +100,41 @@ def _fits_fp16(weight: torch.Tensor, shift: torch.Tensor) -> bool:
     return bool(((weight.abs() >= smallest) | (weight == 0)).all())
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears])
-    biases = [m.bias for m in linears]
-    return weight, (torch.cat(biases) if biases[0] is not None else None)
+# Each decoder layer's projections as `optimize` runs them: {new layer: the loaded layers it
+# replaces, fused in this order}. Pre-quantised checkpoints store their tensors under these names.
+LAYER_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def projections(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """{layer path in the LlamaForCausalLM: paths of the loaded layers it replaces} for every
+    projection `optimize` rewrites, the head included."""
+    out = {"lm_head": ("lm_head",)}
+    for i in range(num_layers):
+        out.update({f"model.layers.{i}.{new}": tuple(f"model.layers.{i}.{old}" for old in olds)
+                    for new, olds in LAYER_PROJECTIONS.items()})
+    return out
+
+
+def replace_projection(lm: nn.Module, target: str, sources: tuple[str, ...],
+                       make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> list[torch.Tensor]:
+    """Put make(weight, bias) at `target` in place of `sources` (fused by concatenating their rows;
+    a single source is passed as loaded); returns the source weights."""
+    olds = [lm.get_submodule(path) for path in sources]
+    weights, biases = [m.weight for m in olds], [m.bias for m in olds]
+    weight = weights[0] if len(olds) == 1 else torch.cat(weights)
+    bias = biases[0] if len(olds) == 1 or biases[0] is None else torch.cat(biases)
+    layer = make(weight, bias)
+    parent, _, name = target.rpartition(".")
+    owner = lm.get_submodule(parent)
+    for path in sources:
+        delattr(owner, path.rpartition(".")[2])  # the sources are the target's siblings
+    setattr(owner, name, layer)
+    return weights
 
 
 class PlainLinear(nn.Module):
@@ -181,10 +213,12 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
-    if quantize == "int8":
-        lm.kernel, make = "int8-fbgemm" if has_fbgemm() else "int8", Int8Linear
-    elif quantize == "int4":
-        lm.kernel, make = "int4", Int4Linear
+    if lm.quantization:  # loaded from a pre-quantised checkpoint, or done before
+        if quantize not in (None, lm.quantization):
+            raise ValueError(f"the decoder is already quantised to {lm.quantization}; it cannot also be {quantize}")
+        return lm
+    if quantize is not None:
+        lm.kernel, make = quantized_kernel(quantize), QUANTIZERS[quantize].from_weight
     else:
         sample = lm.model.layers[0].mlp.gate_proj.weight if len(lm.model.layers) else lm.lm_head.weight
         picked = pick_kernel(sample)
@@ -194,29 +228,28 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
         lm.kernel, kind = picked
         make = functools.partial(_exact_or_plain, kind)
     release = lm.kernel != "torch"  # the plain kernel reads the loaded weights themselves
+    tied = lm.lm_head.weight is lm.model.embed_tokens.weight
+    targets = projections(len(lm.model.layers))
 
-    def rewrite(layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        fused = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]  # copied by _fuse
-        kept = [attn.o_proj, mlp.down_proj]  # read in place by the plain kernel
-        attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.o_proj = make(attn.o_proj.weight, attn.o_proj.bias)
-        mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
-        del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = make(mlp.down_proj.weight, None)
-        release_pages(*(m.weight for m in fused + (kept if release else [])))
+    def rewrite(i: int) -> None:
+        sources = []
+        for new in LAYER_PROJECTIONS:
+            target = f"model.layers.{i}.{new}"
+            weights = replace_projection(lm, target, targets[target], make)
+            if len(weights) > 1 or release:  # fused sources are copies: their pages can go whatever the kernel
+                sources += weights
+        release_pages(*sources)
 
     def rewrite_head() -> None:
-        source = lm.lm_head.weight
-        lm.lm_head = make(source, None)
-        if release and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
-            release_pages(source)
+        source = replace_projection(lm, "lm_head", ("lm_head",), make)
+        if release and not tied:  # tied: the embedding still reads it
+            release_pages(*source)
 
     # Packing is single-threaded inside fbgemm and oneDNN and releases the GIL: layers in parallel.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, layer) for layer in lm.model.layers]:
+        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, i) for i in range(len(lm.model.layers))]:
             done.result()
+    lm.quantization = quantize
     return lm
 
 

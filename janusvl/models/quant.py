@@ -8,6 +8,7 @@ the CPU checks they depend on.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
@@ -30,19 +31,32 @@ class Int8Linear(nn.Module):
     of the fp32 bytes (~1.8x faster than packed bf16 with VNNI, ~3.7x than plain bf16 on AVX2).
     Longer calls (prefill, compute bound) and other devices multiply by the int8 weight converted
     to the activation dtype, which is exact, then apply the row scales: weight-only error.
+
+    Built from the stored form (`qweight` int8 [N, K], `scale` fp32 [N]), which is what a
+    pre-quantised checkpoint holds; `from_weight` quantises. fbgemm's packed copy cannot be saved,
+    so it is made here from `qweight` either way.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    STORED = ("qweight", "scale")  # the constructor's tensors, as a checkpoint names them
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        w = weight.float()
-        self.out_features, self.in_features = weight.shape
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.bias = bias
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.packed = None
-        if weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
-            self.packed = _fbgemm_pack(self.qweight, scale, None if bias is None else bias.float())
+        if qweight.device.type == "cpu" and has_fbgemm():
+            self.packed = _fbgemm_pack(qweight, scale, None if bias is None else bias.float())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        return cls(*quantize_int8(weight), bias)
+
+    @staticmethod
+    def stored(N: int, K: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{name: (shape, dtype)} of the tensors an [N, K] weight is stored as."""
+        return {"qweight": ((N, K), torch.int8), "scale": ((N,), torch.float32)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -55,28 +69,45 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight int8 [N, K], scale fp32 [N]): w ~ qweight * scale, scale = row absmax / 127."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int4Linear(nn.Module):
     """Int4 weights in groups of `group_size` along the input dimension, each group with its own
     scale and offset (asymmetric: w ~ (q - 8) * scale + zero, q in 0..15, scale and zero in bf16),
     run by torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which unpacks on the fly and
-    computes in fp32: a quarter of bf16's bytes per weight, plus 4 bytes per group."""
+    computes in fp32: a quarter of bf16's bytes per weight, plus 4 bytes per group.
+
+    Built from the stored form, the kernel's own operands: `qweight` uint8 [N, K/2] from
+    `_convert_weight_to_int4pack_for_cpu` (its layout depends on the CPU capability torch runs
+    at: see `int4_packing`) and `scales_and_zeros` bf16 [K/G, N, 2]; `from_weight` quantises.
+    """
 
     GROUP_SIZES = (64, 32, 128)  # the first that divides the input width (64: 0.5 + 0.0625 B/weight)
+    STORED = ("qweight", "scales_and_zeros")  # the constructor's tensors, as a checkpoint names them
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = N, K = weight.shape
-        self.group_size = G = int4_group_size(K)
-        w = weight.detach().float().view(N, K // G, G)
-        low, high = w.amin(-1), w.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16).float()
-        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
-        q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(N, K)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
-        # [K/G, N, 2]: the kernel's layout of per-group (scale, zero)
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(torch.bfloat16))
-        self.bias = bias
+        self.out_features, self.in_features = qweight.shape[0], 2 * qweight.shape[1]
+        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
+        return cls(*quantize_int4(weight), bias)
+
+    @staticmethod
+    def stored(N: int, K: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{name: (shape, dtype)} of the tensors an [N, K] weight is stored as."""
+        G = int4_group_size(K)
+        return {"qweight": ((N, K // 2), torch.uint8), "scales_and_zeros": ((K // G, N, 2), torch.bfloat16)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
@@ -92,11 +123,36 @@ class Int4Linear(nn.Module):
                                                           self.scales_and_zeros.float()).T
 
 
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales_and_zeros) for `_weight_int4pack_mm_for_cpu`, in groups of `int4_group_size`."""
+    N, K = weight.shape
+    G = int4_group_size(K)
+    w = weight.detach().float().view(N, K // G, G)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
+    q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(N, K)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
+    # [K/G, N, 2]: the kernel's layout of per-group (scale, zero)
+    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def int4_group_size(in_features: int) -> int:
     for G in Int4Linear.GROUP_SIZES:
         if in_features % G == 0:
             return G
     raise ValueError(f"int4 needs an input width divisible by 32, got {in_features}")
+
+
+def int4_packing() -> dict[str, str]:
+    """What `_convert_weight_to_int4pack_for_cpu` produces here: torch packs int4 weights in a
+    layout of its CPU capability (blocks of 64 rows with AVX-512, 32 with AVX2, another without
+    vector code), and the kernel reads only its own. `probe` fingerprints the layout by packing a
+    fixed matrix; a stored checkpoint is usable where the fingerprints agree."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    digest = hashlib.sha256(packed.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "probe": digest}
 
 
 # Rows up to which a call is memory bound (decode, batched decode, image-generation steps).
@@ -130,3 +186,9 @@ def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
             torch.backends.quantized.engine = previous
 
 
+def quantized_kernel(scheme: str) -> str:
+    """The name `lm.kernel` records for a decoder quantised to `scheme`."""
+    return {"int8": "int8-fbgemm" if has_fbgemm() else "int8", "int4": "int4"}[scheme]
+
+
+QUANTIZERS: dict[str, type[Int8Linear] | type[Int4Linear]] = {"int8": Int8Linear, "int4": Int4Linear}
