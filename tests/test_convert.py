@@ -19,7 +19,7 @@ from janusvl.cli import main
 from janusvl.cli.convert import parse_size
 from janusvl.loading.convert import ConvertError, convert_checkpoint
 from janusvl.testing.checkpoint import WEIGHT_LAYOUTS, save_weights, write_checkpoint
-from test_loading import make_hub_cache
+from test_loading import copy_without_weights, make_hub_cache
 
 UNUSED = ("vision_model.vision_tower.attn_pool.latent", "gen_vision_model.quantize.codebook_used")
 CONVERSATION = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this.",
@@ -582,3 +582,33 @@ def test_int4_checkpoint_refuses_a_cpu_whose_kernel_reads_another_layout(quantiz
     with pytest.raises(CheckpointError, match="int4 checkpoints run in torch's int4 CPU kernel"):
         check_loadable(config, torch.device("cuda"))
     assert check_loadable(JanusConfig.from_file(quantized["int8"] / "config.json"), torch.device("cuda")).scheme == "int8"
+
+
+def test_quantized_checkpoint_is_loaded_strictly(quantized, tmp_path) -> None:
+    """A stored operand in another dtype, a layer list this version does not write, or another
+    tool's quantization_config is refused, naming what is wrong."""
+    from safetensors.torch import save_file
+
+    from janusvl import ConfigError
+
+    def edited(name: str, tensors=None, config=None) -> Path:
+        dst = copy_without_weights(quantized["int8"], tmp_path / name)
+        data = load_file(str(quantized["int8"] / "model.safetensors"))
+        save_file(tensors(data) if tensors else data, str(dst / "model.safetensors"))
+        if config:
+            raw = json.loads((dst / "config.json").read_text())
+            config(raw["quantization_config"])
+            (dst / "config.json").write_text(json.dumps(raw))
+        return dst
+
+    key = "language_model.model.layers.0.mlp.down_proj.scale"
+    bad = edited("bf16-scale", tensors=lambda d: {**d, key: d[key].bfloat16()})
+    with pytest.raises(CheckpointError, match=re.escape(f"{key!r} is stored as torch.bfloat16, the quantised "
+                                                        "layer needs torch.float32")):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")
+    bad = edited("modules", config=lambda q: q["modules"].pop("language_model.lm_head"))
+    with pytest.raises(ConfigError, match="are not the layers this janusvl version stores quantised"):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")
+    bad = edited("gptq", config=lambda q: q.update(quant_method="gptq"))
+    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")
