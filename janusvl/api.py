@@ -158,8 +158,8 @@ class Janus:
         `max_image_bytes` (encoded) are refused; `exif_transpose=True` turns photos upright by
         their EXIF orientation (DeepSeek's pipeline ignores it, so the default does too).
         Weights holding NaN or infinity are refused unless `allow_nonfinite=True`."""
-        from .loading.checkpoint import load_model
         from .config import JanusConfig
+        from .loading.checkpoint import load_model
         from .loading.hub import resolve_checkpoint
         from .loading.quantized import resolve_quantize
         from .models.fast import optimize, optimize_generation

@@ -209,7 +209,8 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
     path where bf16 is native; fp32 sums of the exact weights where it is emulated);
     quantize="int8" stores every decoder projection and the LM head as int8 rows + scales;
     quantize="int4" as int4 groups + scales and offsets.
-    The choice is recorded in `lm.kernel`.
+    The choice is recorded in `lm.kernel` (and the scheme in `lm.quantization`). A decoder that is
+    already quantised (a pre-quantised checkpoint's) is left as it is; another scheme is an error.
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
