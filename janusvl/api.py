@@ -151,23 +151,28 @@ class Janus:
         The decoder and the image-generation head get the kernels `janusvl.models.fast` picks for
         this CPU (bit-identical where bf16 is native, fp32 sums of the exact weights elsewhere);
         `quantize="int8"` or `"int4"` also stores its weights in 8 or 4 bits (faster decoding, a
-        small logit error documented in the README).
+        small logit error documented in the README). A checkpoint written by `janusvl convert
+        --quantize` loads quantised as stored; another `quantize` for it is an InputError.
 
         Images larger than `max_image_pixels` (read from the header, before decoding) or
         `max_image_bytes` (encoded) are refused; `exif_transpose=True` turns photos upright by
         their EXIF orientation (DeepSeek's pipeline ignores it, so the default does too).
         Weights holding NaN or infinity are refused unless `allow_nonfinite=True`."""
+        from .config import JanusConfig
         from .loading.checkpoint import load_model
         from .loading.hub import resolve_checkpoint
+        from .loading.quantized import resolve_quantize
         from .models.fast import optimize, optimize_generation
 
         if quantize not in (None, "none", "int8", "int4"):
             raise InputError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         limits = ImageLimits(max_image_pixels, max_image_bytes, exif_transpose)
         root = resolve_checkpoint(model, revision)
+        stored = JanusConfig.from_file(root / "config.json").quantization_config
+        quantize = resolve_quantize(root, stored and stored.scheme, quantize)
         processor = VLChatProcessor.from_pretrained(root, image_limits=limits)
         vl_gpt = load_model(root, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
-        optimize(vl_gpt.language_model, None if quantize == "none" else quantize)
+        optimize(vl_gpt.language_model, quantize)
         optimize_generation(vl_gpt.gen_head, vl_gpt.gen_aligner)
         return cls(vl_gpt, processor, roles)
 

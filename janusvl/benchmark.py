@@ -365,9 +365,13 @@ def default_checkpoint(layout: str = "safetensors", progress: bool = True) -> Pa
 
 def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool = True,
         transformers: bool = True, quantize: str | None = None) -> dict[str, Any]:
+    from .config import JanusConfig
     from .loading.hub import resolve_checkpoint
+    from .loading.quantized import resolve_quantize
 
     ckpt = resolve_checkpoint(model) if model else default_checkpoint()
+    stored = JanusConfig.from_file(ckpt / "config.json").quantization_config
+    quantize = resolve_quantize(ckpt, stored and stored.scheme, quantize)  # a pre-quantised checkpoint's own
     machine = {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__, **machine_bounds(threads)}
     opts = {"threads": threads, "new_tokens": new_tokens, "image_batches": [1, 4] if images else [],
             "quantize": quantize}
@@ -388,7 +392,10 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
             raise RuntimeError(f"janusvl benchmark failed loading pytorch_model.bin: {loaded['error']}")
         report["janusvl"]["load_bin_s"] = loaded["load_s"]
         report["janusvl"]["peak_rss_bin_gb"] = loaded["peak_rss_gb"]
-    if transformers:
+    if transformers and stored is not None:
+        report["transformers"] = {"error": f"the checkpoint is stored quantised ({stored.scheme}) by janusvl, "
+                                           "which transformers cannot load"}
+    elif transformers:
         report["transformers"] = _with_transformers(ckpt, {**opts, "dtype": dtypes["transformers"]})
     report["bounds"] = bounds_for(report["janusvl"], costs, machine)
     return report

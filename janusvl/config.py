@@ -178,6 +178,56 @@ class LanguageConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """`quantization_config` of a checkpoint written by `janusvl convert --quantize`: the decoder's
+    projections are stored as the int8 or int4 kernels' operands (janusvl.loading.quantized).
+    `modules` maps each stored layer (a pattern, `*` for the layer index) to the layers of
+    DeepSeek's layout it replaces, fused in that order; `group_size` gives int4's group size per
+    stored layer (int8 has one scale per row: null); `int4_packing` records the CPU layout of the
+    packed int4 weights (see janusvl.models.quant.int4_packing)."""
+
+    quant_method: str = "janusvl"
+    scheme: str = "int8"
+    modules: dict[str, list[str]] = field(default_factory=dict)
+    group_size: dict[str, int] | None = None
+    int4_packing: dict[str, str] | None = None
+
+
+QUANT_SCHEMES = ("int8", "int4")
+
+
+def _quantization(raw: Any) -> QuantizationConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json: quantization_config must be an object")
+    method = raw.get("quant_method")
+    if method != "janusvl":
+        raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; janusvl "
+                          "loads the int8 and int4 checkpoints `janusvl convert --quantize` writes")
+    _expect("quantization_config", "scheme", raw.get("scheme"), set(QUANT_SCHEMES))
+    modules, groups, packing = raw.get("modules"), raw.get("group_size"), raw.get("int4_packing")
+    if not (isinstance(modules, dict) and modules and all(
+            isinstance(k, str) and isinstance(v, list) and v and all(isinstance(n, str) for n in v)
+            for k, v in modules.items())):
+        raise ConfigError("config.json: quantization_config.modules must map layer names to lists of the layers "
+                          f"they replace, got {modules!r:.80}")
+    if raw["scheme"] == "int4":
+        if not (isinstance(groups, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in groups.values())):
+            raise ConfigError(f"config.json: quantization_config.group_size must map layers to group sizes, "
+                              f"got {groups!r:.80}")
+        if not (isinstance(packing, dict) and all(isinstance(packing.get(k), str) for k in ("cpu_capability", "probe"))):
+            raise ConfigError("config.json: quantization_config.int4_packing must give cpu_capability and probe, "
+                              f"got {packing!r:.80}")
+    elif groups is not None or packing is not None:
+        raise ConfigError("config.json: int8 quantization_config has one scale per row: group_size and "
+                          "int4_packing must be absent or null")
+    return QuantizationConfig(method, raw["scheme"], {k: list(v) for k, v in modules.items()},
+                              None if groups is None else dict(groups), None if packing is None else dict(packing))
+
+
+@dataclass(frozen=True)
 class JanusConfig:
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     aligner_config: AlignerConfig = field(default_factory=AlignerConfig)
@@ -186,6 +236,7 @@ class JanusConfig:
     gen_head_config: GenHeadConfig = field(default_factory=GenHeadConfig)
     language_config: LanguageConfig = field(default_factory=LanguageConfig)
     torch_dtype: str | None = None
+    quantization_config: QuantizationConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -208,6 +259,7 @@ class JanusConfig:
             gen_head_config=head,
             language_config=_language(data["language_config"]),
             torch_dtype=data.get("torch_dtype"),
+            quantization_config=_quantization(data.get("quantization_config")),
             raw=data,
         )
         _check_together(config)

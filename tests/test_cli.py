@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import make_image
 from janusvl import Janus
 from janusvl.cli import main
-from janusvl.models.fast import Int4Linear, Int8Linear
+from janusvl.models.quant import Int4Linear, Int8Linear
 from janusvl.cli.demo import DEFAULT_PROMPT, demo_image
 from janusvl.testing.checkpoint import write_checkpoint
 

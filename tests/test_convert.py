@@ -4,6 +4,7 @@ layout (loaded strictly by transformers, same logits), and failures that leave n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_image
-from janusvl import CheckpointError, CheckpointNotFoundError, MultiModalityCausalLM
+from janusvl import CheckpointError, CheckpointNotFoundError, InputError, MultiModalityCausalLM
 from janusvl.cli import main
 from janusvl.cli.convert import parse_size
 from janusvl.loading.convert import ConvertError, convert_checkpoint
 from janusvl.testing.checkpoint import WEIGHT_LAYOUTS, save_weights, write_checkpoint
-from test_loading import make_hub_cache
+from test_loading import copy_without_weights, make_hub_cache
 
 UNUSED = ("vision_model.vision_tower.attn_pool.latent", "gen_vision_model.quantize.codebook_used")
 CONVERSATION = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this.",
@@ -372,3 +373,242 @@ def test_shard_sizes_parse_like_transformers(capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["convert", "a", "b", "--max-shard-size", "2XB"])
     assert exit_.value.code == 2 and "2XB" in capsys.readouterr().err
+
+
+# --- pre-quantised checkpoints (--quantize int8|int4) -------------------------------------------
+
+QUANT_KEYS = {"int8": {"qweight": torch.int8, "scale": torch.float32},
+              "int4": {"qweight": torch.uint8, "scales_and_zeros": torch.bfloat16}}
+
+
+@pytest.fixture(scope="module")
+def quantized(gqa_dir, tmp_path_factory) -> dict[str, Path]:
+    """The GQA checkpoint (fp32) converted to bf16 with its decoder quantised, per scheme."""
+    out = tmp_path_factory.mktemp("quantized")
+    return {s: convert_checkpoint(gqa_dir, out / s, dtype="bfloat16", quantize=s) for s in ("int8", "int4")}
+
+
+def mapped_files(t: torch.Tensor) -> set[str]:
+    """The files whose memory mappings hold `t`'s first byte (empty for anonymous memory)."""
+    ptr, files = t.data_ptr(), set()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= ptr < end and len(fields) > 5:
+            files.add(Path(fields[5]).name)
+    return files
+
+
+def decoder_outputs(janus) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of a 40-token prompt (prompt-sized products), of one token per row (decode-sized
+    products) and 10 greedy tokens after the prompt."""
+    from janusvl.generation.text import generate
+
+    lm = janus.model.language_model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.inference_mode():
+        embeds = lm.get_input_embeddings()(ids)
+        prompt = lm(inputs_embeds=embeds, attention_mask=mask).logits
+        step = lm(inputs_embeds=embeds[:, -1:]).logits
+        tokens = generate(lm, embeds, attention_mask=mask, eos_token_id=None, max_new_tokens=10)
+    return prompt, step, tokens
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_checkpoint_is_quantising_at_load_bit_for_bit(gqa_dir, quantized, scheme, monkeypatch) -> None:
+    """Converting with --quantize and loading gives the layers, logits and greedy tokens of
+    quantising the source at load; the stored operands are memory-mapped, and nothing is
+    quantised at load."""
+    from janusvl import Janus
+    from janusvl.models import quant
+
+    dst = quantized[scheme]
+    at_load = Janus.from_pretrained(gqa_dir, device="cpu", dtype="bfloat16", quantize=scheme)
+    for name in ("quantize_int8", "quantize_int4"):
+        monkeypatch.setattr(quant, name, lambda *a: pytest.fail("quantised at load"))
+    stored = Janus.from_pretrained(dst, device="cpu")  # dtype and quantisation from config.json
+    a, b = at_load.model.language_model, stored.model.language_model
+    assert b.quantization == scheme and b.kernel == a.kernel and stored.model.dtype == torch.bfloat16
+    layers = {n: m for n, m in b.named_modules() if isinstance(m, quant.QUANTIZERS[scheme])}
+    assert len(layers) == 4 * len(b.model.layers) + 1
+    for name, layer in layers.items():
+        ref = a.get_submodule(name)
+        for key, dtype in QUANT_KEYS[scheme].items():
+            got = getattr(layer, key)
+            assert got.dtype == dtype and torch.equal(got, getattr(ref, key)), (name, key)
+            assert mapped_files(got) == {"model.safetensors"}, (name, key)  # read in place, not copied
+        assert getattr(layer, "group_size", None) == getattr(ref, "group_size", None)
+    for x, y in zip(decoder_outputs(at_load), decoder_outputs(stored), strict=True):
+        assert torch.equal(x, y)
+    assert at_load.chat("Describe.", max_new_tokens=6).text == stored.chat("Describe.", max_new_tokens=6).text
+
+
+def test_quantized_checkpoint_keeps_deepseeks_layout_elsewhere_and_its_config_round_trips(gqa_dir, quantized,
+                                                                                        tmp_path) -> None:
+    from janusvl import JanusConfig
+    from janusvl.config import QuantizationConfig
+    from janusvl.models.quant import int4_packing
+
+    source = load_file(str(gqa_dir / "model.safetensors"))
+    for scheme, dst in quantized.items():
+        tensors, _ = read_output(dst)
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+        kept = {k for k in source if not any(f"{p}." in k for p in projections)}
+        assert kept <= set(tensors) and all(torch.equal(tensors[k], source[k].bfloat16()) for k in kept)
+        quantised = set(tensors) - kept
+        assert quantised == {f"language_model.{layer}.{name}" for name in QUANT_KEYS[scheme] for layer in
+                             ["lm_head"] + [f"model.layers.{i}.{p}" for i in range(2) for p in
+                                            ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                             "mlp.down_proj")]}
+        config = json.loads((dst / "config.json").read_text())
+        want = json.loads((gqa_dir / "config.json").read_text())
+        want["torch_dtype"] = want["language_config"]["torch_dtype"] = "bfloat16"
+        assert {k: v for k, v in config.items() if k != "quantization_config"} == want
+        q = JanusConfig.from_file(dst / "config.json").quantization_config
+        modules = {"language_model.model.layers.*.self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                   "language_model.model.layers.*.self_attn.o_proj": ["o_proj"],
+                   "language_model.model.layers.*.mlp.gate_up_proj": ["gate_proj", "up_proj"],
+                   "language_model.model.layers.*.mlp.down_proj": ["down_proj"],
+                   "language_model.lm_head": ["lm_head"]}
+        groups = {"self_attn.qkv_proj": 64, "self_attn.o_proj": 64, "mlp.gate_up_proj": 64,
+                  "mlp.down_proj": 32, "lm_head": 64}  # intermediate_size 160: groups of 32
+        assert q == QuantizationConfig("janusvl", scheme, modules, groups if scheme == "int4" else None,
+                                       int4_packing() if scheme == "int4" else None)
+        # a plain copy of the quantised checkpoint is lossless, config included, and loads the same
+        copy = convert_checkpoint(dst, tmp_path / f"copy-{scheme}", max_shard_bytes=10**6)
+        assert small_files(copy) == small_files(dst)
+        copied, by_file = read_output(copy)
+        assert len(by_file) > 1 and set(copied) == set(tensors)
+        assert all(copied[k].dtype == v.dtype and torch.equal(copied[k], v) for k, v in tensors.items())
+        model = MultiModalityCausalLM.from_pretrained(copy, device="cpu", dtype="auto")
+        assert model.language_model.quantization == scheme
+
+
+def test_quantized_tied_head_is_quantised_from_the_embedding(bf16_dir, tmp_path) -> None:
+    from janusvl import Janus
+    from janusvl.models.quant import Int8Linear
+    from test_loading import tied_checkpoint
+
+    src = tied_checkpoint(bf16_dir, tmp_path / "tied")
+    dst = convert_checkpoint(src, tmp_path / "int8", quantize="int8")
+    tensors, _ = read_output(dst)
+    embed = "language_model.model.embed_tokens.weight"
+    assert "language_model.lm_head.qweight" in tensors and torch.equal(tensors[embed], load_file(
+        str(src / "model.safetensors"))[embed])
+    at_load, stored = Janus.from_pretrained(src, device="cpu", quantize="int8"), Janus.from_pretrained(dst, device="cpu")
+    assert isinstance(stored.model.language_model.lm_head, Int8Linear)
+    for x, y in zip(decoder_outputs(at_load), decoder_outputs(stored), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_quantize_refuses_what_it_cannot_honour_and_writes_nothing(bf16_dir, quantized, tmp_path, capsys) -> None:
+    dst = tmp_path / "out"
+    cases = [
+        (dict(src=quantized["int8"], quantize="int4"), "is already quantised (int8); --quantize needs an unquantised"),
+        (dict(src=quantized["int4"], quantize="int4"), "is already quantised (int4)"),
+        (dict(src=bf16_dir, quantize="int8", to="hf"), "the hf layout has no place"),
+        (dict(src=quantized["int8"], to="hf"), "it can only be copied as it is"),
+        (dict(src=quantized["int8"], dtype="float32"), "it can only be copied as it is"),
+        (dict(src=bf16_dir, quantize="int2"), "quantize must be none, int8 or int4, got 'int2'"),
+    ]
+    narrow = write_checkpoint(tmp_path / "narrow", dtype=torch.bfloat16, language={"intermediate_size": 144})
+    cases.append((dict(src=narrow, quantize="int4"), "language_config.intermediate_size 144 is not a multiple of 32"))
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=re.escape(message)):
+            convert_checkpoint(kwargs.pop("src"), dst, **kwargs)
+        assert not dst.exists() and leftovers(tmp_path) == []
+    assert main(["convert", str(quantized["int8"]), str(dst), "--quantize", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert "janusvl convert: error:" in err and "already quantised (int8)" in err and "Traceback" not in err
+    convert_checkpoint(narrow, dst, quantize="int8")  # int8 has one scale per row: any width
+    assert MultiModalityCausalLM.from_pretrained(dst, device="cpu").language_model.quantization == "int8"
+
+
+def test_quantize_none_is_the_plain_copy(bf16_dir, tmp_path) -> None:
+    assert main(["convert", str(bf16_dir), str(tmp_path / "none"), "--quantize", "none"]) == 0
+    assert main(["convert", str(bf16_dir), str(tmp_path / "plain")]) == 0
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(tmp_path / "none") == files(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "none" / "config.json").read_text())
+
+
+def test_loading_asks_nothing_and_refuses_a_conflicting_quantize(quantized, monkeypatch, capsys) -> None:
+    from janusvl import Janus, benchmark
+
+    dst = quantized["int8"]
+    for asked in ("int4", "none"):
+        with pytest.raises(InputError, match=f"quantize='{asked}' conflicts with .* stored quantised to int8"):
+            Janus.from_pretrained(dst, device="cpu", quantize=asked)
+    assert Janus.from_pretrained(dst, device="cpu", quantize="int8").model.language_model.quantization == "int8"
+    assert main(["chat", str(dst), "--quantize", "int4", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert "quantize='int4' conflicts with" in err and "int8" in err and "Traceback" not in err
+    # the bench measures what is stored (its costs follow) and refuses a conflicting --quantize
+    seen = []
+    monkeypatch.setattr(benchmark, "_spawn", lambda kind, ckpt, opts: seen.append(opts["quantize"]) or {"load_s": 1})
+    monkeypatch.setattr(benchmark, "bounds_for", lambda *a: {})
+    report = benchmark.run(str(dst), images=False, transformers=True)
+    assert seen == ["int8"] and "error" in report["transformers"]
+    with pytest.raises(InputError, match="quantize='int4' conflicts"):
+        benchmark.run(str(dst), quantize="int4")
+    model, _, _ = benchmark._load_janusvl(dst, {"quantize": None, "dtype": "bfloat16"})
+    assert model.language_model.quantization == "int8"
+
+
+def test_int4_checkpoint_refuses_a_cpu_whose_kernel_reads_another_layout(quantized, tmp_path) -> None:
+    """torch packs int4 weights per CPU capability; a checkpoint packed for another one (here
+    torch forced to its non-vectorised kernel) is refused, not misread."""
+    import os
+    import subprocess
+    import sys
+
+    from janusvl.config import JanusConfig
+    from janusvl.errors import CheckpointError
+    from janusvl.loading.quantized import check_loadable
+
+    code = f"from janusvl import Janus; Janus.from_pretrained({str(quantized['int4'])!r}, device='cpu')"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    here = torch.backends.cpu.get_cpu_capability()
+    if here == "DEFAULT":
+        pytest.skip("torch runs its non-vectorised kernels here already")
+    assert proc.returncode == 1
+    assert f"packed in the layout of torch's {here} int4 kernel" in proc.stderr
+    assert "runs its DEFAULT kernel" in proc.stderr and "--quantize int4" in proc.stderr
+    config = JanusConfig.from_file(quantized["int4"] / "config.json")
+    with pytest.raises(CheckpointError, match="int4 checkpoints run in torch's int4 CPU kernel"):
+        check_loadable(config, torch.device("cuda"))
+    assert check_loadable(JanusConfig.from_file(quantized["int8"] / "config.json"), torch.device("cuda")).scheme == "int8"
+
+
+def test_quantized_checkpoint_is_loaded_strictly(quantized, tmp_path) -> None:
+    """A stored operand in another dtype, a layer list this version does not write, or another
+    tool's quantization_config is refused, naming what is wrong."""
+    from safetensors.torch import save_file
+
+    from janusvl import ConfigError
+
+    def edited(name: str, tensors=None, config=None) -> Path:
+        dst = copy_without_weights(quantized["int8"], tmp_path / name)
+        data = load_file(str(quantized["int8"] / "model.safetensors"))
+        save_file(tensors(data) if tensors else data, str(dst / "model.safetensors"))
+        if config:
+            raw = json.loads((dst / "config.json").read_text())
+            config(raw["quantization_config"])
+            (dst / "config.json").write_text(json.dumps(raw))
+        return dst
+
+    key = "language_model.model.layers.0.mlp.down_proj.scale"
+    bad = edited("bf16-scale", tensors=lambda d: {**d, key: d[key].bfloat16()})
+    with pytest.raises(CheckpointError, match=re.escape(f"{key!r} is stored as torch.bfloat16, the quantised "
+                                                        "layer needs torch.float32")):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")
+    bad = edited("modules", config=lambda q: q["modules"].pop("language_model.lm_head"))
+    with pytest.raises(ConfigError, match="are not the layers this janusvl version stores quantised"):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")
+    bad = edited("gptq", config=lambda q: q.update(quant_method="gptq"))
+    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):
+        MultiModalityCausalLM.from_pretrained(bad, device="cpu")

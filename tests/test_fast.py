@@ -24,8 +24,9 @@ from torch import nn
 from conftest import rel_error
 from janusvl import InputError, Janus, MultiModalityCausalLM, kernels
 from janusvl.generation.text import decode_step, generate, prefill
-from janusvl.models import fast, layers
-from janusvl.models.fast import Int8Linear, PackedLinear, can_pack, optimize, release_pages
+from janusvl.models import fast, layers, quant
+from janusvl.models.fast import PackedLinear, can_pack, optimize, release_pages
+from janusvl.models.quant import Int8Linear
 from test_loading import tied_checkpoint
 
 # Relative L2 error of int8 last-token logits vs bf16, documented in README (Performance).
@@ -399,11 +400,11 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
     embeds, mask = prompt(plain)
     B, T, _ = embeds.shape
     reference = phases(plain.language_model, embeds, mask, [])
-    calls = record(monkeypatch, fast, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
+    calls = record(monkeypatch, quant, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
     record(monkeypatch, torch.ops.quantized, "linear_dynamic",
            lambda x, packed, reduce_range: ("dynamic", rows(x), reduce_range), calls)
     seen = phases(q.language_model, embeds, mask, calls)
-    n, seven_bit = len(q.language_model.model.layers), not fast._HAS_VNNI
+    n, seven_bit = len(q.language_model.model.layers), not quant._HAS_VNNI
     # qkv, o, gate_up, down per layer, then the head
     assert seen["prefill"][1] == [("int8 weights", B * T, torch.bfloat16)] * 4 * n + [("dynamic", B, seven_bit)]
     assert seen["decode"][1] == [("dynamic", B, seven_bit)] * (4 * n + 1)
@@ -425,7 +426,7 @@ def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monke
                    lambda x, w, group, scales: (rows(x), x.dtype, group))
     seen = phases(q.language_model, embeds, mask, calls)
     n, D = len(q.language_model.model.layers), plain.config.language_config.hidden_size
-    groups = [64, 64, 64, fast.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
+    groups = [64, 64, 64, quant.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
     assert D % 64 == 0
     assert seen["prefill"][1] == [(B * T, torch.bfloat16, g) for g in groups[:-1]] + [(B, torch.bfloat16, 64)]
     assert seen["decode"][1] == [(B, torch.bfloat16, g) for g in groups]
@@ -441,7 +442,7 @@ def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
     g = torch.Generator().manual_seed(0)
     for N, K in [(96, 160), (160, 64)]:
         w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
-        layer = fast.Int4Linear(w, None)
+        layer = quant.Int4Linear.from_weight(w, None)
         G = layer.group_size
         assert G == (32 if K == 160 else 64) and layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == N * K // 2
         d = layer.dequantized()
@@ -451,13 +452,13 @@ def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
         x = torch.randn(5, K, generator=g).bfloat16()
         assert rel_error(layer(x).float(), x.float() @ d.T) < 4e-3
     with pytest.raises(ValueError, match="divisible by 32"):
-        fast.Int4Linear(torch.randn(8, 48), None)
+        quant.Int4Linear.from_weight(torch.randn(8, 48), None)
 
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
-    monkeypatch.setattr(fast, "_HAS_VNNI", vnni)
-    layer = Int8Linear(torch.randn(32, 16).to(torch.bfloat16), None)
+    monkeypatch.setattr(quant, "_HAS_VNNI", vnni)
+    layer = Int8Linear.from_weight(torch.randn(32, 16).to(torch.bfloat16), None)
     dynamic = record(monkeypatch, torch.ops.quantized, "linear_dynamic", lambda x, packed, reduce_range: reduce_range)
     layer(torch.randn(2, 16).to(torch.bfloat16))
     assert dynamic == [not vnni]
@@ -474,13 +475,13 @@ def test_vnni_is_read_from_cpuinfo(monkeypatch, flags: str | None, vnni: bool) -
             raise OSError("no /proc here")
         return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
 
-    monkeypatch.setattr(fast, "open", fake_open, raising=False)
-    assert fast._cpu_has_vnni() is vnni
+    monkeypatch.setattr(quant, "open", fake_open, raising=False)
+    assert quant._cpu_has_vnni() is vnni
 
 
 def test_int8_linear_dequantises_to_the_weight() -> None:
     w = torch.randn(64, 32).to(torch.bfloat16)
-    layer = Int8Linear(w, None)
+    layer = Int8Linear.from_weight(w, None)
     x = torch.randn(3, 32).to(torch.bfloat16)
     dequantised = layer.qweight.float() * layer.scale.float()[:, None]
     assert ((dequantised - w.float()).abs() <= layer.scale.float()[:, None] / 2 + 1e-6).all()
@@ -507,7 +508,7 @@ def test_janus_from_pretrained_quantizes_and_rejects_unknown_schemes(tiny_dir, t
         Janus.from_pretrained(tiny_dir, quantize="int2")
     four = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="int4")
     assert four.model.language_model.kernel == "int4"
-    assert isinstance(four.model.language_model.model.layers[0].mlp.down_proj, fast.Int4Linear)
+    assert isinstance(four.model.language_model.model.layers[0].mlp.down_proj, quant.Int4Linear)
     assert four.chat("Describe.", max_new_tokens=8).completion_tokens == 8
 
 

@@ -9,6 +9,8 @@ breaking those is rightly a 400."""
 
 from __future__ import annotations
 
+import os
+
 import hypothesis
 import pytest
 import schemathesis
@@ -17,6 +19,10 @@ from schemathesis.checks import positive_data_acceptance
 
 from serving import LiveServer
 
+
+# Generated requests per route (images: 8, each is 576 decoder steps). CI runs 40; a longer run
+# (JANUSVL_FUZZ_EXAMPLES=1000) sends thousands.
+EXAMPLES = int(os.environ.get("JANUSVL_FUZZ_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def test_generated_requests(live, mode) -> None:
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # nothing to mutate: the GET routes take no input
-        examples = 8 if "/images/" in operation.path else 40
+        examples = 8 if "/images/" in operation.path else EXAMPLES
 
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
         @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True, database=None,

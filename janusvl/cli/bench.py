@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory or Hub id (default: random Pro-1B shape)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per measurement (default: 32)")
-    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="janusvl's decoder weights")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default=None,
+                        help="janusvl's decoder weights (default: as the checkpoint stores them)")
     parser.add_argument("--no-images", action="store_true", help="skip image generation (the slowest part)")
     parser.add_argument("--no-transformers", action="store_true", help="measure janusvl only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON here")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = benchmark.run(args.model, threads=args.threads, new_tokens=args.new_tokens,
                            images=not args.no_images, transformers=not args.no_transformers,
-                           quantize=None if args.quantize == "none" else args.quantize)
+                           quantize=args.quantize)
     print(benchmark.format_table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -31,9 +31,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="weights dtype; auto keeps the checkpoint's own (default: auto)")
-    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default=None,
                         help="int8 / int4 store the language model's weights in 8 / 4 bits: faster "
-                             "decoding, logits within the README's documented error (default: none)")
+                             "decoding, logits within the README's documented error (default: as the "
+                             "checkpoint stores them; a pre-quantised one loads quantised)")
 
 
 def checked(parse: Callable[[str], Any], check: Callable[[str, Any], Any]) -> Callable[[str], Any]:
@@ -116,7 +117,7 @@ def status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load(model: str, device: str, dtype: str, quantize: str = "none", **options: Any) -> Janus:
+def load(model: str, device: str, dtype: str, quantize: str | None = None, **options: Any) -> Janus:
     """Load with a progress note; `options` go to `Janus.from_pretrained` (image limits)."""
     from ..api import Janus
 

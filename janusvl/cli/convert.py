@@ -2,7 +2,9 @@
 
 SRC is a checkpoint directory or Hub id in any of DeepSeek's weight layouts. The default target
 keeps DeepSeek's layout (a lossless copy: same keys, same dtypes); `--to hf` writes the layout
-transformers' `JanusForConditionalGeneration` and `AutoProcessor` load. See janusvl.loading.convert.
+transformers' `JanusForConditionalGeneration` and `AutoProcessor` load. `--quantize int8|int4`
+stores the decoder quantised, ready to memory-map (janusvl.loading.quantized). See
+janusvl.loading.convert.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["keep", "bfloat16", "float16", "float32"], default="keep",
                         help="cast floating-point weights; keep leaves every tensor as stored "
                              "(default: keep)")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                        help="store the language model's projections as int8 rows or int4 groups, "
+                             "loaded as they are with no quantising at load (deepseek layout only; "
+                             "default: none)")
     parser.add_argument("--force", action="store_true",
                         help="replace DST if it is not empty (its contents are deleted)")
     parser.add_argument("--revision", default=None,
@@ -57,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from ..loading.convert import convert_checkpoint
 
     start = time.perf_counter()
-    status(f"Converting {args.src} -> {args.dst} ({args.to} layout) ...")
+    quantized = "" if args.quantize == "none" else f", {args.quantize} decoder"
+    status(f"Converting {args.src} -> {args.dst} ({args.to} layout{quantized}) ...")
     dst = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_bytes=args.max_shard_size,
-                             dtype=args.dtype, progress=True, force=args.force, revision=args.revision)
+                             dtype=args.dtype, progress=True, force=args.force, revision=args.revision,
+                             quantize=args.quantize)
     files = sorted(p for p in dst.iterdir() if p.is_file())
     weights = [p for p in files if p.suffix == ".safetensors"]
     size = sum(p.stat().st_size for p in weights)

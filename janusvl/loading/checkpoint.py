@@ -188,6 +188,10 @@ def expected_state(config: JanusConfig, model: torch.nn.Module | None = None) ->
     expected = {k: v for k, v in model.state_dict().items() if not is_unused(k)}
     if config.language_config.tie_word_embeddings:
         expected.pop("language_model.lm_head.weight", None)
+    if config.quantization_config is not None:
+        from .quantized import expected_tensors
+
+        expected = expected_tensors(config, expected)
     return expected
 
 
@@ -227,10 +231,11 @@ def keys_by_file(where: dict[str, Path]) -> dict[Path, list[str]]:
 
 def read_state_dict(
     root: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-    allow_nonfinite: bool = False,
+    allow_nonfinite: bool = False, exact: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Read every expected key, strictly: missing, unexpected or mis-shaped keys are errors, and
-    so are NaN or infinite weights unless `allow_nonfinite`."""
+    so are NaN or infinite weights unless `allow_nonfinite`. Floating tensors are cast to `dtype`,
+    except the keys in `exact`, which must be stored in the expected dtype and keep it."""
     where = weight_files(root)
     check_keys(root, where, expected)
     stored = {k: f for k, f in where.items() if not is_unused(k)}
@@ -241,9 +246,13 @@ def read_state_dict(
                 tensor = f.get_tensor(key)
                 want = expected[key]
                 check_shape(path, key, tensor, want)
+                if key in exact and tensor.dtype != want.dtype:
+                    raise CheckpointError(f"{path}: {key!r} is stored as {tensor.dtype}, the quantised layer "
+                                          f"needs {want.dtype}")
                 if not allow_nonfinite:
                     check_finite(path, key, tensor)
-                state[key] = tensor.to(device=device, dtype=dtype if want.is_floating_point() else want.dtype)
+                cast = dtype if want.is_floating_point() and key not in exact else want.dtype
+                state[key] = tensor.to(device=device, dtype=cast)
     return state
 
 
@@ -264,20 +273,26 @@ def load_model(
     allow_nonfinite: bool = False,
 ) -> "MultiModalityCausalLM":  # noqa: F821
     """The model in `model_path`, built from its config.json or from `config` (an edited copy).
-    Weights holding NaN or infinity are refused (naming the tensor) unless `allow_nonfinite`."""
+    Weights holding NaN or infinity are refused (naming the tensor) unless `allow_nonfinite`.
+    A pre-quantised checkpoint (janusvl.loading.quantized) loads with its decoder quantised."""
     from ..models.janus import MultiModalityCausalLM
+    from .quantized import check_loadable, exact_dtype_keys, install
 
     root = resolve_checkpoint(model_path, revision)
     if config is None:
         config = JanusConfig.from_file(root / "config.json")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, stored_dtype(root) if dtype in (None, "auto") else torch.float32)
+    quantized = check_loadable(config, target_device)
     with torch.device("meta"):
         model = MultiModalityCausalLM(config)
     expected = expected_state(config, model)
-    state = read_state_dict(root, expected, target_dtype, target_device, allow_nonfinite)
-    model.load_state_dict(state, strict=not config.language_config.tie_word_embeddings, assign=True)
-    if config.language_config.tie_word_embeddings:
+    state = read_state_dict(root, expected, target_dtype, target_device, allow_nonfinite, exact_dtype_keys(config))
+    if quantized is not None:  # the decoder's layers are built on their stored operands
+        install(model.language_model, state, config)
+    tied = config.language_config.tie_word_embeddings and quantized is None
+    model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     model.checkpoint_path = root
     return model.eval().requires_grad_(False)

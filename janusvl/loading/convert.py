@@ -3,8 +3,9 @@
 `to="deepseek"` is a lossless copy: the same keys (the unused `attn_pool.*` and `codebook_used`
 included) and dtypes, written as `model-0000N-of-0000M.safetensors` + `model.safetensors.index.json`
 (one `model.safetensors` when everything fits in one shard), with the small json / tokenizer files
-copied byte for byte. `to="hf"` writes what `transformers.JanusForConditionalGeneration` and
-`JanusProcessor` load (spec section 6).
+copied byte for byte. `quantize="int8"` or `"int4"` stores the decoder's projections quantised
+instead, as janusvl.loading.quantized describes. `to="hf"` writes what
+`transformers.JanusForConditionalGeneration` and `JanusProcessor` load (spec section 6).
 
 The source is checked by the loader's own strict checks before anything is written; tensors are
 then streamed one at a time into shards, so memory holds about one shard, never the whole model.
@@ -29,11 +30,13 @@ from tqdm.auto import tqdm
 
 from ..config import JanusConfig
 from ..errors import InputError, JanusError
+from ..models.quant import SCHEMES
 from .checkpoint import (DTYPES, _open, check_keys, check_shape, expected_state, keys_by_file,
-                         stored_dtype, weight_files)
+                         resolve_dtype, stored_dtype, weight_files)
 from .hf_layout import to_transformers_state_dict, transformers_config_dict
 from ..processing.tokenizer import read_json_object
 from .hub import resolve_checkpoint
+from .quantized import check_convertible, quantization_config_dict, quantize_stream
 
 TARGETS = ("deepseek", "hf")
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB", in the decimal units transformers uses too
@@ -58,12 +61,16 @@ def convert_checkpoint(
     progress: bool = False,
     force: bool = False,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Convert the checkpoint at `src` (directory or Hub id, any of the four weight layouts) into
     a new directory `dst` and return it.
 
     `to`: "deepseek" (lossless sharded safetensors) or "hf" (transformers' Janus layout).
     `dtype`: None or "keep" keeps every tensor's dtype; a float dtype casts the floating tensors.
+    `quantize`: None or "none" copies; "int8" or "int4" stores the decoder's projections and head
+    quantised (to="deepseek" only; the source must not be quantised already), quantised in the
+    dtype the copy loads in, so loading it gives what `quantize=` at load gives the source.
     `force`: replace a `dst` that holds a previous conversion (config.json, safetensors weights
     and nothing but the files a conversion writes), once the new one is complete. Any other
     non-empty `dst` is refused, with the reason, and left as it is.
@@ -72,24 +79,32 @@ def convert_checkpoint(
         raise InputError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
     if max_shard_bytes < 1:
         raise InputError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if quantize not in (None, "none", *SCHEMES):
+        raise InputError(f"quantize must be none, int8 or int4, got {quantize!r}")
+    scheme = None if quantize == "none" else quantize
     cast = _cast_dtype(dtype)
     root = resolve_checkpoint(src, revision)
     dst = Path(dst).expanduser()
     _check_destination(root, dst, force)
     config = JanusConfig.from_file(root / "config.json")
+    check_convertible(root, config, scheme, to, cast)
     where = weight_files(root)
     expected = expected_state(config)
     check_keys(root, where, expected)
     if to == "hf":
         extra = _hf_files(root, config, cast or stored_dtype(root))
     else:
-        extra = _deepseek_files(root, cast)
+        extra = _deepseek_files(root, cast, config, scheme)
 
     tmp = _make_temp_dir(dst)
     try:
         with _progress_bar(where, progress) as bar:
             shards = _ShardWriter(tmp, max_shard_bytes)
-            for key, tensor in _read_tensors(where, expected, cast, bar):
+            tensors = _read_tensors(where, expected, cast, bar)
+            if scheme is not None:
+                load_dtype = cast or resolve_dtype("auto", config, stored_dtype(root))
+                tensors = quantize_stream(tensors, config, scheme, expected, load_dtype)
+            for key, tensor in tensors:
                 if to == "deepseek":
                     shards.add(key, tensor)
                     continue
@@ -296,18 +311,23 @@ def _write_small_files(
         _write_json(dst / name, data)
 
 
-def _deepseek_files(root: Path, cast: torch.dtype | None) -> dict[str, dict[str, Any]]:
+def _deepseek_files(root: Path, cast: torch.dtype | None, config: JanusConfig,
+                    scheme: str | None) -> dict[str, dict[str, Any]]:
     """config.json is copied unchanged, unless a cast makes the torch_dtype it states wrong (the
-    loader's dtype="auto" follows it)."""
-    if cast is None:
+    loader's dtype="auto" follows it) or the decoder is quantised (`quantization_config` says so)."""
+    if cast is None and scheme is None:
         return {}
     data = read_json_object(root / "config.json")
-    language = data.get("language_config")
-    stale = [s for s in (data, language) if isinstance(s, dict) and s.get("torch_dtype", None) not in
-             (None, _dtype_name(cast))]
-    for section in stale:
-        section["torch_dtype"] = _dtype_name(cast)
-    return {"config.json": data} if stale else {}
+    stale = []
+    if cast is not None:
+        language = data.get("language_config")
+        stale = [s for s in (data, language) if isinstance(s, dict) and s.get("torch_dtype", None) not in
+                 (None, _dtype_name(cast))]
+        for section in stale:
+            section["torch_dtype"] = _dtype_name(cast)
+    if scheme is not None:
+        data["quantization_config"] = quantization_config_dict(config, scheme)
+    return {"config.json": data} if stale or scheme is not None else {}
 
 
 def _hf_files(root: Path, config: JanusConfig, dtype: torch.dtype) -> dict[str, dict[str, Any]]:

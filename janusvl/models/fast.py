@@ -1,4 +1,4 @@
-"""Fast paths for the LLaMA decoder: fused projections, kernels picked per CPU, int8 weights.
+"""Fast paths for the LLaMA decoder: fused projections and kernels picked per CPU.
 
 Decoding reads every weight once per token, so its speed is the speed of the matrix-vector
 products. Fusing q/k/v and gate/up saves kernel launches per token. Which kernel then runs the
@@ -13,7 +13,8 @@ products depends on the CPU, and is measured once per process (`pick_kernel`):
   loaded weights in place, each output summed in one order whatever the batch) and fbgemm's
   fp16-weight kernel (`HalfLinear`: a repacked fp16 copy of every weight); the faster is kept.
 
-int8 quantisation (one scale per output row) halves the bytes read again.
+`optimize` also quantises (int8 rows, int4 groups: `janusvl.models.quant`), which halves or
+quarters the bytes read again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -32,6 +34,7 @@ from torch import nn
 from .. import kernels
 from .layers import Linear, emulated, linear, native_bf16
 from .llama import LlamaForCausalLM
+from .quant import QUANTIZERS, SCHEMES, has_fbgemm, quantized_kernel
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -119,122 +122,41 @@ def _fits_fp16(weight: torch.Tensor, shift: torch.Tensor) -> bool:
     return bool(((weight.abs() >= smallest) | (weight == 0)).all())
 
 
-def has_fbgemm() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
+# Each decoder layer's projections as `optimize` runs them: {new layer: the loaded layers it
+# replaces, fused in this order}. Pre-quantised checkpoints store their tensors under these names.
+LAYER_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
 
 
-class Int8Linear(nn.Module):
-    """Int8 weights, one scale per output row (symmetric, absmax / 127).
-
-    Decode-sized calls (at most `DYNAMIC_MAX_ROWS` rows) on CPUs run in fbgemm's dynamic-quantised
-    kernel: the activations are quantised per call to uint8 too, and the product reads a quarter
-    of the fp32 bytes (~1.8x faster than packed bf16 with VNNI, ~3.7x than plain bf16 on AVX2).
-    Longer calls (prefill, compute bound) and other devices multiply by the int8 weight converted
-    to the activation dtype, which is exact, then apply the row scales: weight-only error.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        w = weight.float()
-        self.out_features, self.in_features = weight.shape
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = bias
-        self.packed = None
-        if weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
-            self.packed = _fbgemm_pack(self.qweight, scale, None if bias is None else bias.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.packed is not None and x2.device.type == "cpu" and x2.shape[0] <= DYNAMIC_MAX_ROWS:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, not _HAS_VNNI).to(x.dtype)
-        else:
-            y = linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+def projections(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """{layer path in the LlamaForCausalLM: paths of the loaded layers it replaces} for every
+    projection `optimize` rewrites, the head included."""
+    out = {"lm_head": ("lm_head",)}
+    for i in range(num_layers):
+        out.update({f"model.layers.{i}.{new}": tuple(f"model.layers.{i}.{old}" for old in olds)
+                    for new, olds in LAYER_PROJECTIONS.items()})
+    return out
 
 
-class Int4Linear(nn.Module):
-    """Int4 weights in groups of `group_size` along the input dimension, each group with its own
-    scale and offset (asymmetric: w ~ (q - 8) * scale + zero, q in 0..15, scale and zero in bf16),
-    run by torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which unpacks on the fly and
-    computes in fp32: a quarter of bf16's bytes per weight, plus 4 bytes per group."""
-
-    GROUP_SIZES = (64, 32, 128)  # the first that divides the input width (64: 0.5 + 0.0625 B/weight)
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = N, K = weight.shape
-        self.group_size = G = int4_group_size(K)
-        w = weight.detach().float().view(N, K // G, G)
-        low, high = w.amin(-1), w.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16).float()
-        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
-        q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).view(N, K)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
-        # [K/G, N, 2]: the kernel's layout of per-group (scale, zero)
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(torch.bfloat16))
-        self.bias = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def dequantized(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, [N, K] in fp32 (for tests and error figures)."""
-        eye = torch.eye(self.in_features)  # fp32 in and out: no rounding of the weights
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size,
-                                                          self.scales_and_zeros.float()).T
-
-
-def int4_group_size(in_features: int) -> int:
-    for G in Int4Linear.GROUP_SIZES:
-        if in_features % G == 0:
-            return G
-    raise ValueError(f"int4 needs an input width divisible by 32, got {in_features}")
-
-
-# Rows up to which a call is memory bound (decode, batched decode, image-generation steps).
-DYNAMIC_MAX_ROWS = 16
-
-
-def _cpu_has_vnni() -> bool:
-    """Without VNNI, fbgemm multiplies uint8 x int8 pairs into int16 sums that can saturate at
-    full range; PyTorch's answer is to quantise activations to 7 bits there (reduce_range)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False  # unknown CPU: the safe, reduced range
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-_HAS_VNNI = _cpu_has_vnni()
-
-
-def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> object:
-    with warnings.catch_warnings():  # quantised tensor constructors warn of a future deprecation
-        warnings.simplefilter("ignore")
-        previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = "fbgemm"
-        try:
-            q = torch._make_per_channel_quantized_tensor(
-                qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(q, bias)
-        finally:
-            torch.backends.quantized.engine = previous
-
-
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears])
-    biases = [m.bias for m in linears]
-    return weight, (torch.cat(biases) if biases[0] is not None else None)
+def replace_projection(lm: nn.Module, target: str, sources: tuple[str, ...],
+                       make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> list[torch.Tensor]:
+    """Put make(weight, bias) at `target` in place of `sources` (fused by concatenating their rows;
+    a single source is passed as loaded); returns the source weights."""
+    olds = [lm.get_submodule(path) for path in sources]
+    weights, biases = [m.weight for m in olds], [m.bias for m in olds]
+    weight = weights[0] if len(olds) == 1 else torch.cat(weights)
+    bias = biases[0] if len(olds) == 1 or biases[0] is None else torch.cat(biases)
+    layer = make(weight, bias)
+    parent, _, name = target.rpartition(".")
+    owner = lm.get_submodule(parent)
+    for path in sources:
+        delattr(owner, path.rpartition(".")[2])  # the sources are the target's siblings
+    setattr(owner, name, layer)
+    return weights
 
 
 class PlainLinear(nn.Module):
@@ -314,9 +236,6 @@ def _exact_or_plain(kind: type[nn.Module], weight: torch.Tensor, bias: torch.Ten
     return layer if getattr(layer, "exact", True) else PlainLinear(weight, bias)
 
 
-QUANTIZE = (None, "int8", "int4")
-
-
 def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausalLM:
     """Rewrite the decoder's linear layers in place for inference; returns `lm`.
 
@@ -325,14 +244,17 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
     path where bf16 is native; fp32 sums of the exact weights where it is emulated);
     quantize="int8" stores every decoder projection and the LM head as int8 rows + scales;
     quantize="int4" as int4 groups + scales and offsets.
-    The choice is recorded in `lm.kernel`.
+    The choice is recorded in `lm.kernel` (and the scheme in `lm.quantization`). A decoder that is
+    already quantised (a pre-quantised checkpoint's) is left as it is; another scheme is an error.
     """
-    if quantize not in QUANTIZE:
+    if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
-    if quantize == "int8":
-        lm.kernel, make = "int8-fbgemm" if has_fbgemm() else "int8", Int8Linear
-    elif quantize == "int4":
-        lm.kernel, make = "int4", Int4Linear
+    if lm.quantization:  # loaded from a pre-quantised checkpoint, or done before
+        if quantize not in (None, lm.quantization):
+            raise ValueError(f"the decoder is already quantised to {lm.quantization}; it cannot also be {quantize}")
+        return lm
+    if quantize is not None:
+        lm.kernel, make = quantized_kernel(quantize), QUANTIZERS[quantize].from_weight
     else:
         sample = lm.model.layers[0].mlp.gate_proj.weight if len(lm.model.layers) else lm.lm_head.weight
         picked = pick_kernel(sample)
@@ -342,29 +264,28 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
         lm.kernel, kind = picked
         make = functools.partial(_exact_or_plain, kind)
     release = lm.kernel not in ("torch", "avx2-half")  # these read the loaded weights themselves
+    tied = lm.lm_head.weight is lm.model.embed_tokens.weight
+    targets = projections(len(lm.model.layers))
 
-    def rewrite(layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        fused = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]  # copied by _fuse
-        kept = [attn.o_proj, mlp.down_proj]  # read in place by the plain kernel
-        attn.qkv_proj = make(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.o_proj = make(attn.o_proj.weight, attn.o_proj.bias)
-        mlp.gate_up_proj = make(*_fuse([mlp.gate_proj, mlp.up_proj]))
-        del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = make(mlp.down_proj.weight, None)
-        release_pages(*(m.weight for m in fused + (kept if release else [])))
+    def rewrite(i: int) -> None:
+        sources = []
+        for new in LAYER_PROJECTIONS:
+            target = f"model.layers.{i}.{new}"
+            weights = replace_projection(lm, target, targets[target], make)
+            if len(weights) > 1 or release:  # fused sources are copies: their pages can go whatever the kernel
+                sources += weights
+        release_pages(*sources)
 
     def rewrite_head() -> None:
-        source = lm.lm_head.weight
-        lm.lm_head = make(source, None)
-        if release and source is not lm.model.embed_tokens.weight:  # tied: the embedding still reads it
-            release_pages(source)
+        source = replace_projection(lm, "lm_head", ("lm_head",), make)
+        if release and not tied:  # tied: the embedding still reads it
+            release_pages(*source)
 
     # Packing is single-threaded inside fbgemm and oneDNN and releases the GIL: layers in parallel.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, layer) for layer in lm.model.layers]:
+        for done in [pool.submit(rewrite_head)] + [pool.submit(rewrite, i) for i in range(len(lm.model.layers))]:
             done.result()
+    lm.quantization = quantize
     return lm
 
 

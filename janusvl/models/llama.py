@@ -190,6 +190,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Set by janusvl.models.fast.optimize or a pre-quantised checkpoint's loader.
+        self.kernel = "torch"
+        self.quantization: str | None = None  # "int8" or "int4" once the projections are quantised
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
