@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from conftest import make_image
 from janusvl.engine import Delta, Engine, Failed, Finished, RowDone
 from janusvl.generation.text import decode_step, prefill
 from janusvl.models.kv_cache import RaggedBatch
@@ -148,3 +149,45 @@ def test_cancel_and_finish_free_everything(janus) -> None:
         assert engine.idle
     finally:
         assert engine.close(timeout=5)
+
+
+def test_prompts_that_start_alike_reuse_their_prefix(janus) -> None:
+    """A prompt that starts like an earlier one (the system prompt and template) prefills only
+    the rest: the common prefix's keys and values come from the prefix cache, a cached prefix
+    stops before an image and before the prompt's last token, and every answer stays the
+    library's. With no room for it (prefix_cache_mb=0) nothing is reused."""
+    image = make_image(64, 48, seed=3)
+    first = "What is in this picture?"
+    second = "What colour is the sky?"
+    with_image = [{"role": "user", "content": "<image_placeholder>\nLook at this.", "images": [image]}]
+    ids = {text: janus.prompt(text).ids for text in (first, second)}
+    common = next(i for i, (a, b) in enumerate(zip(ids[first], ids[second], strict=False)) if a != b)
+    assert common >= 16  # the system prompt and the template
+    engine = Engine(janus).start()
+    reused = []
+    restore = engine.prefixes.restore
+    engine.prefixes.restore = lambda *args: reused.append(restore(*args)) or reused[-1]
+    try:
+        for messages in (first, second, with_image, second):
+            request = engine.chat_request(messages, max_new_tokens=6)
+            request.emit = listener = Listener()
+            engine.submit(request)
+            text, _ = listener.result()
+            assert text == janus.chat(messages, max_new_tokens=6).text
+        image_ids = janus.prompt(with_image).ids
+        first_image = image_ids.index(janus.processor.image_id)
+        assert reused[0] == 0 and reused[1] == common
+        assert 16 <= reused[2] <= first_image  # the template before the image, never the image
+        assert reused[3] == len(ids[second]) - 1  # all of it but the last token, cached by the second
+        assert engine.stats().prefix_cache_bytes > 0
+    finally:
+        engine.close(timeout=5)
+    engine = Engine(janus, prefix_cache_mb=0).start()
+    try:
+        assert engine.prefixes is None
+        request = engine.chat_request(second, max_new_tokens=6)
+        request.emit = listener = Listener()
+        engine.submit(request)
+        assert listener.result()[0] == janus.chat(second, max_new_tokens=6).text
+    finally:
+        engine.close(timeout=5)

@@ -51,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "(default: ordinary text, so a user cannot end or forge a turn)")
     parser.add_argument("--image-cache-mb", type=float, default=256,
                         help="memory for cached image features (default: 256)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=256,
+                        help="memory for the keys and values of prompt prefixes reused by later prompts "
+                             "that start the same way, e.g. the system prompt (default: 256; 0 turns it off)")
     parser.add_argument("--drain-timeout", type=float, default=30,
                         help="seconds running requests may take to finish after SIGTERM (default: 30)")
     parser.set_defaults(run=run)
@@ -60,7 +63,7 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_queue", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_body_mb", "drain_timeout", "image_cache_mb"):
+    for name in ("max_body_mb", "drain_timeout", "image_cache_mb", "prefix_cache_mb"):
         if not getattr(args, name) >= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.read_timeout > 0:
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                            f"pip install 'janusvl[serve]'") from None
     janus = load(args.model, args.device, args.dtype, args.quantize, max_image_pixels=args.max_image_pixels)
     engine = Engine(janus, max_batch=args.max_batch, max_queue=args.max_queue,
-                    image_cache_mb=args.image_cache_mb, metrics=Metrics()).start()
+                    image_cache_mb=args.image_cache_mb, prefix_cache_mb=args.prefix_cache_mb,
+                    metrics=Metrics()).start()
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     state = ServerState(ready=True)
     options = ServerOptions(model_name=name, api_key=args.api_key, cors_origins=args.cors_origin,

@@ -33,6 +33,7 @@ from ..generation.sampling import ChatOptions
 from ..messages import Messages
 from ..models.kv_cache import RaggedBatch
 from .feature_cache import FeatureCache, content_key
+from .prefix_cache import PrefixCache
 from .jobs import ChatJob, ImageJob, Job
 from .metrics import Metrics
 from .pacer import PrefillPacer
@@ -52,16 +53,19 @@ class Engine:
 
     def __init__(self, janus: Janus, max_batch: int = 8, max_queue: int = 64, max_images: int = 16,
                  image_cache_mb: float = 256, prefill_budget_s: float = 0.75,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, prefix_cache_mb: float = 256) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_images", max_images)):
             validation.integer(name, value, minimum=1)
         validation.number("image_cache_mb", image_cache_mb, minimum=0)
+        validation.number("prefix_cache_mb", prefix_cache_mb, minimum=0)
         validation.number("prefill_budget_s", prefill_budget_s, minimum=0)
         self.janus = janus
         self.model, self.processor, self.tokenizer = janus.model, janus.processor, janus.tokenizer
         self.max_batch, self.max_queue, self.max_images = max_batch, max_queue, max_images
         self.metrics = metrics or Metrics(enabled=False)
         self.features = FeatureCache(int(image_cache_mb * 2**20), self.metrics.cache_lookup)
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20), on_reuse=self.metrics.prefix_tokens.inc) \
+            if prefix_cache_mb > 0 else None
         self.pacer = PrefillPacer(lambda: bool(self._running))
         self.prefill_budget_s = prefill_budget_s
         self._cond = threading.Condition()
@@ -121,7 +125,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request; its events arrive through `request.emit`, from the engine's thread."""
         if isinstance(request, ChatRequest):
-            job: Job = ChatJob(request, self.model, self.tokenizer, self.features)
+            job: Job = ChatJob(request, self.model, self.tokenizer, self.features, self.prefixes)
         elif isinstance(request, ImageRequest):
             job = ImageJob(request, self.model, self.processor.pad_id)
         else:
@@ -159,7 +163,8 @@ class Engine:
         return EngineStats(waiting=waiting, running=len(running), rows=sum(j.rows for j in self._running),
                            requests_alive=len(requests), jobs_alive=len(jobs), kv_caches=caches,
                            kv_bytes=kv_bytes, image_bytes=image_bytes(requests, jobs),
-                           feature_cache_bytes=self.features.bytes)
+                           feature_cache_bytes=self.features.bytes,
+                           prefix_cache_bytes=self.prefixes.bytes if self.prefixes is not None else 0)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop admitting, let the admitted requests finish for up to `timeout` seconds, then

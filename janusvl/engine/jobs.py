@@ -26,6 +26,7 @@ from ..models.janus import MultiModalityCausalLM
 from ..models.kv_cache import KVCache
 from ..processing.tokenizer import JanusTokenizer
 from .feature_cache import FeatureCache
+from .prefix_cache import PrefixCache
 from .requests import ChatRequest, Delta, Finished, ImageRequest, ImagesDone, Progress, Request, RowDone
 
 class Pacer(Protocol):
@@ -66,9 +67,9 @@ class Job:
 
 class ChatJob(Job):
     def __init__(self, request: ChatRequest, model: MultiModalityCausalLM, tokenizer: JanusTokenizer,
-                 features: FeatureCache) -> None:
+                 features: FeatureCache, prefixes: PrefixCache | None = None) -> None:
         self.request = request
-        self.model, self.lm, self.features = model, model.language_model, features
+        self.model, self.lm, self.features, self.prefixes = model, model.language_model, features, prefixes
         self.head = self.lm.lm_head
         self.eos = tokenizer.eos_token_id
         self.generator = make_generator(request.seed, model.device)
@@ -86,7 +87,8 @@ class ChatJob(Job):
         # Room for a typical answer; a longer one grows the cache (max_new_tokens may be the
         # whole context, which most answers never use).
         cache = self.lm.model.new_cache(1, T + min(req.max_new_tokens, 256), growable=True)
-        start = 0
+        ids, images = inputs.input_ids[0].tolist(), inputs.images_seq_mask[0]
+        start = self.prefixes.restore(ids, images, cache) if self.prefixes is not None else 0
         while start < T:
             size, began = pacer.size(), time.perf_counter()
             if start == 0 and (size is None or size >= T):
@@ -102,6 +104,8 @@ class ChatJob(Job):
             start += size
             if start < T:
                 yield
+        if self.prefixes is not None:
+            self.prefixes.put(ids, images, cache)
         self.cache = cache.repeat(req.n) if req.n > 1 else cache
         self._sample(logits.expand(req.n, -1))
 

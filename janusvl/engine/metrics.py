@@ -33,7 +33,7 @@ class Metrics:
             self.registry = None
             for name in ("running", "waiting", "prompt_tokens", "generated_tokens", "ttft", "tpot",
                          "latency", "images", "image_steps", "rejected", "cache_hits", "cache_misses",
-                         "failed", "kv_bytes"):
+                         "failed", "kv_bytes", "prefix_tokens"):
                 setattr(self, name, _Noop())
             return
         r = self.registry = prom.CollectorRegistry()
@@ -62,6 +62,9 @@ class Metrics:
                                        registry=r)
         self.cache_misses = prom.Counter(p + "image_cache_misses", "Images encoded by the vision tower",
                                          registry=r)
+
+        self.prefix_tokens = prom.Counter(p + "prefix_cache_tokens", "Prompt tokens whose keys and values came "
+                                          "from the prefix cache instead of a prefill", registry=r)
 
     def cache_lookup(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

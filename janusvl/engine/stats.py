@@ -23,6 +23,7 @@ class EngineStats:
     kv_bytes: int
     image_bytes: int  # pixels of chat images and code buffers of image jobs still alive
     feature_cache_bytes: int  # the image-feature cache (bounded by --image-cache-mb; kept on purpose)
+    prefix_cache_bytes: int = 0  # keys and values of prompt prefixes (bounded by --prefix-cache-mb)
 
 
 def _tensor_bytes(*tensors: object) -> int:
