@@ -391,27 +391,70 @@ def test_fp32_decoders_are_left_as_loaded(tiny_dir, packing_cpu) -> None:
 
 # --- int8 ----------------------------------------------------------------------------------------
 
-def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeypatch) -> None:
-    """Prompts multiply int8 weights x bf16 activations (the head, on one row a sequence, takes the
-    dynamic kernel); each decode step runs every projection in fbgemm's dynamic kernel. A real
-    prefill and a real cached decode step stay within the README's bounds of bf16."""
+@pytest.fixture(params=["avx2", "fbgemm"])
+def int8_path(request, monkeypatch) -> str:
+    """Each CPU class's int8 kernel: janusvl's AVX2 kernel where bf16 is emulated, fbgemm's
+    dynamic kernel where it is native (the detection is monkeypatched, both run on any x86)."""
+    if request.param == "avx2":
+        if kernels.unavailable_reason() is not None:
+            pytest.skip(f"janusvl's AVX2 kernel cannot run here: {kernels.unavailable_reason()}")
+        monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    else:
+        monkeypatch.setattr(quant, "native_bf16", lambda: True)
+    return request.param
+
+
+def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeypatch, int8_path) -> None:
+    """AVX2: every product (prompts, decode steps, the head) runs janusvl's kernel on the stored
+    int8 weights with fp32 activations, nothing packed. Native bf16: prompts multiply int8 weights
+    x bf16 activations (the head, on one row a sequence, takes the dynamic kernel) and each decode
+    step runs every projection in fbgemm's dynamic kernel. Either way a real prefill and a real
+    cached decode step stay within the README's bounds of bf16."""
     plain, q = load(tiny_dir), load(tiny_dir, quantize="int8")
-    assert q.language_model.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
+    lm = q.language_model
+    assert lm.model.layers[1].mlp.down_proj.qweight.dtype == torch.int8
+    assert lm.kernel == ("int8-avx2" if int8_path == "avx2" else "int8-fbgemm")
     embeds, mask = prompt(plain)
     B, T, _ = embeds.shape
     reference = phases(plain.language_model, embeds, mask, [])
-    calls = record(monkeypatch, quant, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
-    record(monkeypatch, torch.ops.quantized, "linear_dynamic",
-           lambda x, packed, reduce_range: ("dynamic", rows(x), reduce_range), calls)
-    seen = phases(q.language_model, embeds, mask, calls)
-    n, seven_bit = len(q.language_model.model.layers), not quant._HAS_VNNI
-    # qkv, o, gate_up, down per layer, then the head
-    assert seen["prefill"][1] == [("int8 weights", B * T, torch.bfloat16)] * 4 * n + [("dynamic", B, seven_bit)]
-    assert seen["decode"][1] == [("dynamic", B, seven_bit)] * (4 * n + 1)
+    n = len(lm.model.layers)
+    if int8_path == "avx2":
+        assert all(m.packed is None and m.kernel is not None for m in lm.modules() if isinstance(m, Int8Linear))
+        calls = record(monkeypatch, kernels.load(), "half_linear", lambda x, w: (rows(x), x.dtype, w.dtype))
+        seen = phases(lm, embeds, mask, calls)
+        assert seen["prefill"][1] == [(B * T, torch.float32, torch.int8)] * 4 * n + [(B, torch.float32, torch.int8)]
+        assert seen["decode"][1] == [(B, torch.float32, torch.int8)] * (4 * n + 1)
+    else:
+        calls = record(monkeypatch, quant, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
+        record(monkeypatch, torch.ops.quantized, "linear_dynamic",
+               lambda x, packed, reduce_range: ("dynamic", rows(x), reduce_range), calls)
+        seen = phases(lm, embeds, mask, calls)
+        seven_bit = not quant._HAS_VNNI
+        # qkv, o, gate_up, down per layer, then the head
+        assert seen["prefill"][1] == [("int8 weights", B * T, torch.bfloat16)] * 4 * n + [("dynamic", B, seven_bit)]
+        assert seen["decode"][1] == [("dynamic", B, seven_bit)] * (4 * n + 1)
     for phase, bound in (("prefill", INT8_PREFILL_MAX_REL_ERROR), ("decode", INT8_DECODE_MAX_REL_ERROR)):
         error = rel_error(seen[phase][0], reference[phase][0])
-        print(f"\nint8 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
+        print(f"\nint8 ({int8_path}) vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
         assert 0 < error < bound, phase  # 0 would mean nothing was quantised
+
+
+def test_int8_avx2_kernel_is_the_fp32_product_of_the_stored_weights(int8_path) -> None:
+    """The AVX2 int8 layer computes (x . qweight) * scale in fp32, exact weights, any row count
+    (a batched row equals the row alone), and reads the stored int8 tensor in place."""
+    if int8_path != "avx2":
+        pytest.skip("the AVX2 int8 layer only")
+    g = torch.Generator().manual_seed(4)
+    w, bias = torch.randn(101, 256, generator=g).bfloat16(), torch.randn(101, generator=g).bfloat16()
+    layer = Int8Linear.from_weight(w, bias)
+    assert layer.kernel is not None and layer.packed is None
+    x = torch.randn(19, 256, generator=g)
+    q, scale = layer.qweight.double(), layer.scale.double()
+    exact = (x.double() @ q.T) * scale + bias.double()
+    bound = 256 * 2.0 ** -24 * (x.double().abs() @ q.abs().T) * scale + exact.abs() * 2.0 ** -23
+    assert ((layer(x).double() - exact).abs() <= bound + 1e-6).all()
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(19)])
+    assert all(torch.equal(layer(x[:M]), alone[:M]) for M in range(1, 20))
 
 
 def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monkeypatch) -> None:
@@ -458,6 +501,7 @@ def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_activations_are_7_bit_only_without_vnni(monkeypatch, vnni: bool) -> None:
     monkeypatch.setattr(quant, "_HAS_VNNI", vnni)
+    monkeypatch.setattr(quant, "native_bf16", lambda: True)  # where fbgemm's dynamic kernel runs
     layer = Int8Linear.from_weight(torch.randn(32, 16).to(torch.bfloat16), None)
     dynamic = record(monkeypatch, torch.ops.quantized, "linear_dynamic", lambda x, packed, reduce_range: reduce_range)
     layer(torch.randn(2, 16).to(torch.bfloat16))

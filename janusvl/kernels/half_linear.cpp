@@ -19,6 +19,7 @@
 namespace {
 
 struct BF16 {
+  using T = uint16_t;
   static inline __m256 load(const uint16_t* p) {
     __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -26,8 +27,17 @@ struct BF16 {
 };
 
 struct FP16 {
+  using T = uint16_t;
   static inline __m256 load(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// int8 weights (a scale per output row applied by the caller): exact in fp32.
+struct INT8 {
+  using T = int8_t;
+  static inline __m256 load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 };
 
@@ -40,7 +50,7 @@ inline float reduce(__m256 v) {
 
 // MB rows of x against NB rows of W, accumulators in registers over the whole of K.
 template <typename W, int MB, int NB>
-inline void tile(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* y, int64_t ldy) {
+inline void tile(const float* x, int64_t K, const typename W::T* w, int64_t ldw, float* y, int64_t ldy) {
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
@@ -57,7 +67,7 @@ inline void tile(const float* x, int64_t K, const uint16_t* w, int64_t ldw, floa
 }
 
 template <typename W, int MB, int NB>
-inline void span(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* y, int64_t ldy,
+inline void span(const float* x, int64_t K, const typename W::T* w, int64_t ldw, float* y, int64_t ldy,
                  int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) tile<W, MB, NB>(x, K, w + n * ldw, ldw, y + n, ldy);
@@ -65,7 +75,7 @@ inline void span(const float* x, int64_t K, const uint16_t* w, int64_t ldw, floa
 }
 
 template <typename W>
-void run(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t ldw, int64_t N, float* y) {
+void run(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t ldw, int64_t N, float* y) {
   // Blocks of 48 weight rows (192 KiB at K = 2048) stay in L2 while every group of rows of x
   // passes over them; threads share out the blocks.
   constexpr int64_t block = 48;
@@ -93,13 +103,13 @@ constexpr int64_t kPanel = 256;
 constexpr int64_t kTileRows = 128;  // more rows than this take the panels (measured: faster from ~128)
 
 template <typename W>
-void widen(const uint16_t* w, int64_t ldw, int64_t rows, int64_t K, float* out) {
+void widen(const typename W::T* w, int64_t ldw, int64_t rows, int64_t K, float* out) {
   for (int64_t n = 0; n < rows; ++n)
     for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, W::load(w + n * ldw + k));
 }
 
 template <typename W>
-void run_panels(const torch::Tensor& x, const uint16_t* w, int64_t ldw, int64_t N, torch::Tensor& y) {
+void run_panels(const torch::Tensor& x, const typename W::T* w, int64_t ldw, int64_t N, torch::Tensor& y) {
   const int64_t K = x.size(1);
   at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
     c10::InferenceMode guard;  // thread-local: the pool's threads must not track these tensors
@@ -112,29 +122,33 @@ void run_panels(const torch::Tensor& x, const uint16_t* w, int64_t ldw, int64_t 
   });
 }
 
+template <typename W>
+void dispatch(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& y) {
+  const auto* w = static_cast<const typename W::T*>(weight.data_ptr());
+  if (x.size(0) > kTileRows)
+    run_panels<W>(x, w, weight.stride(0), weight.size(0), y);
+  else
+    run<W>(x.data_ptr<float>(), x.size(0), x.size(1), w, weight.stride(0), weight.size(0), y.data_ptr<float>());
+}
+
+// y = x W^T for W bf16, fp16 or int8 (int8: the caller applies its row scales), x float32.
 torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "half_linear runs on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "half_linear: x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf,
-              "half_linear: the weight must be bfloat16 or float16");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kChar,
+              "half_linear: the weight must be bfloat16, float16 or int8");
   TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1 && weight.size(1) == x.size(1),
               "half_linear: the weight must be [out, in] with contiguous rows matching x");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(K % 8 == 0, "half_linear: in_features must be a multiple of 8");
-  auto y = torch::empty({M, N}, x.options());
-  const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
-  if (M > kTileRows) {
-    if (weight.scalar_type() == at::kBFloat16)
-      run_panels<BF16>(x, w, weight.stride(0), N, y);
-    else
-      run_panels<FP16>(x, w, weight.stride(0), N, y);
-    return y;
-  }
-  if (weight.scalar_type() == at::kBFloat16)
-    run<BF16>(x.data_ptr<float>(), M, K, w, weight.stride(0), N, y.data_ptr<float>());
+  TORCH_CHECK(x.size(1) % 8 == 0, "half_linear: in_features must be a multiple of 8");
+  auto y = torch::empty({x.size(0), weight.size(0)}, x.options());
+  if (dtype == at::kBFloat16)
+    dispatch<BF16>(x, weight, y);
+  else if (dtype == at::kHalf)
+    dispatch<FP16>(x, weight, y);
   else
-    run<FP16>(x.data_ptr<float>(), M, K, w, weight.stride(0), N, y.data_ptr<float>());
+    dispatch<INT8>(x, weight, y);
   return y;
 }
 

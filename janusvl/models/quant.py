@@ -1,4 +1,5 @@
-"""Quantised decoder weights: int8 rows (fbgemm's dynamic kernel) and int4 groups (torch's int4 kernel).
+"""Quantised decoder weights: int8 rows (janusvl's AVX2 kernel or fbgemm's dynamic one) and int4
+groups (torch's int4 kernel).
 
 Decoding reads every weight once per token, so bytes per weight set its speed: int8 halves bf16's,
 int4 quarters it. `janusvl.models.fast.optimize(lm, quantize=...)` puts these layers in place of
@@ -14,7 +15,8 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import linear
+from .. import kernels
+from .layers import linear, native_bf16
 
 SCHEMES = ("int8", "int4")
 
@@ -26,7 +28,10 @@ def has_fbgemm() -> bool:
 class Int8Linear(nn.Module):
     """Int8 weights, one scale per output row (symmetric, absmax / 127).
 
-    Decode-sized calls (at most `DYNAMIC_MAX_ROWS` rows) on CPUs run in fbgemm's dynamic-quantised
+    On CPUs without native bf16 every call runs janusvl's AVX2 kernel on the stored int8 weights
+    (`janusvl.kernels`): widened to fp32 in registers, fp32 activations, the row scales applied
+    to the fp32 sums: weight-only error, and nothing to pack at load (a pre-quantised checkpoint
+    stays memory-mapped). Otherwise decode-sized calls (at most `DYNAMIC_MAX_ROWS` rows) on CPUs run in fbgemm's dynamic-quantised
     kernel: the activations are quantised per call to uint8 too, and the product reads a quarter
     of the fp32 bytes (~1.8x faster than packed bf16 with VNNI, ~3.7x than plain bf16 on AVX2).
     Longer calls (prefill, compute bound) and other devices multiply by the int8 weight converted
@@ -45,8 +50,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach())
-        self.packed = None
-        if qweight.device.type == "cpu" and has_fbgemm():
+        self.packed, self.kernel = None, None
+        if qweight.device.type == "cpu" and int8_in_place(qweight.shape[1]):
+            self.kernel = kernels.load()  # reads qweight where it is: nothing to pack
+        elif qweight.device.type == "cpu" and has_fbgemm():
             self.packed = _fbgemm_pack(qweight, scale, None if bias is None else bias.float())
 
     @classmethod
@@ -60,6 +67,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.kernel is not None and x2.device.type == "cpu":
+            y = self.kernel.half_linear(x2.float().contiguous(), self.qweight).mul_(self.scale)
+            if self.bias is not None:
+                y.add_(self.bias)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.packed is not None and x2.device.type == "cpu" and x2.shape[0] <= DYNAMIC_MAX_ROWS:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, not _HAS_VNNI).to(x.dtype)
         else:
@@ -186,8 +198,17 @@ def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
             torch.backends.quantized.engine = previous
 
 
+def int8_in_place(in_features: int) -> bool:
+    """Whether int8 layers run janusvl's AVX2 kernel on the stored int8 weights (CPUs without
+    native bf16, where it is built): weight-only int8, fp32 activations, nothing packed at load.
+    Elsewhere fbgemm's dynamic kernel (activations quantised too; VNNI where the CPU has it)."""
+    return not native_bf16() and in_features % 8 == 0 and kernels.load() is not None
+
+
 def quantized_kernel(scheme: str) -> str:
     """The name `lm.kernel` records for a decoder quantised to `scheme`."""
+    if scheme == "int8" and int8_in_place(8):
+        return "int8-avx2"
     return {"int8": "int8-fbgemm" if has_fbgemm() else "int8", "int4": "int4"}[scheme]
 
 
