@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from janusvl import ContextLengthError, InputError
