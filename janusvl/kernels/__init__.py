@@ -1,7 +1,9 @@
 """janusvl's own CPU kernels, compiled from source on first use with the machine's C++ compiler.
 
-`half_linear(x, W)`: x float32 [M, K] times half-precision weights W [N, K] (bf16 or fp16, read
-in place, no repacking), in fp32 arithmetic, on AVX2 + FMA + F16C. It exists for CPUs without
+`half_linear(x, W)`: x float32 [M, K] times weights W [N, K] (bf16, fp16, or int8 whose row
+scales the caller applies; read in place, no repacking), in fp32 arithmetic, on AVX2 + FMA +
+F16C; `decode_attention(q, k, v, valid, scale)`: one query per row over a bf16/fp16 KV cache.
+They exist for CPUs without
 native bf16, where torch multiplies two or more rows by bf16 weights in a scalar loop and
 fbgemm's fp16 kernel needs a repacked copy of every weight. Up to 128 rows each output is a dot
 product summed in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's

@@ -1,6 +1,7 @@
-// y = x W^T for half-precision weights (bf16 or fp16) and fp32 activations, on AVX2 + FMA + F16C.
+// y = x W^T for bf16, fp16 or int8 weights and fp32 activations, on AVX2 + FMA + F16C; and one-query
+// attention over a half-precision KV cache.
 //
-// Every weight is widened to fp32 in registers (exact for both formats) and multiplied in fp32,
+// Every weight is widened to fp32 in registers (exact for all three) and multiplied in fp32,
 // so the result is the fp32 product of the checkpoint's own weights. Up to kTileRows rows (all
 // of decoding), each output is one dot product computed the same way whatever the number of
 // rows: eight fp32 lanes, lane j summing k = j, j+8, j+16, ... in order with fused
