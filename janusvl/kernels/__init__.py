@@ -3,12 +3,11 @@
 `half_linear(x, W)`: x float32 [M, K] times weights W [N, K] (bf16, fp16, or int8 whose row
 scales the caller applies; read in place, no repacking), in fp32 arithmetic, on AVX2 + FMA +
 F16C; `decode_attention(q, k, v, valid, scale)`: one query per row over a bf16/fp16 KV cache.
-They exist for CPUs without
-native bf16, where torch multiplies two or more rows by bf16 weights in a scalar loop and
-fbgemm's fp16 kernel needs a repacked copy of every weight. Up to 128 rows each output is a dot
-product summed in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's
-rows equal the same rows computed alone; more rows (prompts) go through MKL's fp32 product on
-weight panels widened in cache.
+They exist for CPUs without native bf16, where torch multiplies two or more rows by bf16 weights
+in a scalar loop and fbgemm's kernels need a repacked copy of every weight. Up to 128 rows each
+output is a dot product summed in a fixed order whatever the number of rows (see
+half_linear.cpp), so a batch's rows equal the same rows computed alone; more rows (prompts) go
+through MKL's fp32 product on weight panels widened in cache.
 
 The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
 $JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.
