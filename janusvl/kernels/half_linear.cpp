@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 namespace {
 
@@ -112,9 +111,13 @@ void widen(const typename W::T* w, int64_t ldw, int64_t rows, int64_t K, float* 
 template <typename W>
 void run_panels(const torch::Tensor& x, const typename W::T* w, int64_t ldw, int64_t N, torch::Tensor& y) {
   const int64_t K = x.size(1);
-  at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+  // Buffers are allocated here, not in the pool's threads (each allocating thread would grow
+  // its own malloc arena): one panel per thread.
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto buffers = torch::empty({at::get_num_threads(), kPanel, K}, x.options());
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     c10::InferenceMode guard;  // thread-local: the pool's threads must not track these tensors
-    auto panel = torch::empty({kPanel, K}, x.options());
+    auto panel = buffers[at::get_thread_num()];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel, rows = std::min(N - n0, kPanel);
       widen<W>(w + n0 * ldw, ldw, rows, K, panel.data_ptr<float>());
@@ -219,18 +222,19 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* op = out.data_ptr<float>();
   const int64_t group = H / Hkv;
   const bool bf16 = k.scalar_type() == at::kBFloat16;
+  auto buffers = torch::empty({at::get_num_threads(), S}, q.options());  // see run_panels
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S);
+    float* scores = buffers.data_ptr<float>() + at::get_thread_num() * S;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const int64_t offset = b * k.stride(0) + (h / group) * k.stride(1);
       const bool* row_valid = mask == nullptr ? nullptr : mask + b * S;
       if (bf16)
         attend_one<BF16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
-                         static_cast<float>(scale), scores.data(), op + i * D);
+                         static_cast<float>(scale), scores, op + i * D);
       else
         attend_one<FP16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
-                         static_cast<float>(scale), scores.data(), op + i * D);
+                         static_cast<float>(scale), scores, op + i * D);
     }
   });
   return out;
