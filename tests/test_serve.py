@@ -281,8 +281,8 @@ def test_api_key_required_except_health(janus) -> None:
         with pytest.raises(openai.AuthenticationError):
             live.client("wrong").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
         reply = live.client("s3cret").chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-        assert reply.usage.completion_tokens == 3
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        assert reply.choices[0].message.content == janus.chat("hi", max_new_tokens=3).text
         assert [m.id for m in live.client("s3cret").models.list().data] == ["tiny"]
 
 
@@ -297,7 +297,7 @@ def test_full_queue_gives_429_and_admitted_requests_complete(janus) -> None:
         next(iter(running))  # admitted and decoding
         waiting = ThreadPoolExecutor(1).submit(
             lambda: live.client().chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "Me next."}], max_tokens=5))
+                model="tiny", messages=[{"role": "user", "content": "Me next."}], max_tokens=5, temperature=0))
         deadline = time.monotonic() + 10
         while live.metric("janusvl_requests_waiting") < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -308,7 +308,7 @@ def test_full_queue_gives_429_and_admitted_requests_complete(janus) -> None:
         assert info.value.response.json()["error"]["code"] == "queue_full"
         finish = [c.choices[0].finish_reason for c in running if c.choices and c.choices[0].finish_reason]
         assert finish == ["length"]
-        assert waiting.result(60).usage.completion_tokens == 5
+        assert waiting.result(60).usage.completion_tokens == janus.chat("Me next.", max_new_tokens=5).completion_tokens
         rejected = httpx.get(live.url + "/metrics").text
         assert 'janusvl_rejected_requests_total{reason="queue_full"} 1.0' in rejected
 
@@ -330,9 +330,12 @@ def test_disconnected_clients_leave_nothing_running(janus) -> None:
                              "temperature": 0})
         live.wait_idle(10)
         assert live.metric("janusvl_requests_running") == 0
+        # The next request is served as usual (greedy: a sampled answer may end early at EOS).
         reply = live.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                      max_tokens=3)
-        assert reply.usage.completion_tokens == 3
+                                                      max_tokens=3, temperature=0)
+        expected = janus.chat("hi", max_new_tokens=3)
+        assert (reply.choices[0].message.content, reply.usage.completion_tokens) == \
+            (expected.text, expected.completion_tokens)
 
 
 def test_an_exception_in_one_request_fails_only_that_request(janus, monkeypatch) -> None:
