@@ -50,6 +50,18 @@ def prompt(model, T: int = 40, B: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return model.language_model.get_input_embeddings()(ids), mask
 
 
+def assert_tracks_plain(plain, half) -> None:
+    """A fast bf16 decoder's logits track the plain one's within fp32-vs-bf16 sums, and greedy
+    decoding picks the same 12 tokens."""
+    embeds, mask = prompt(plain)
+    with torch.inference_mode():
+        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        b = half.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+        assert rel_error(b, a) < 2e-3
+        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
+        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
+
+
 def phases(lm, embeds: torch.Tensor, mask: torch.Tensor, calls: list) -> dict[str, tuple[torch.Tensor, list]]:
     """{phase: (logits, calls recorded in it)} for a real prefill and one cached decode step."""
     B, T, _ = embeds.shape
@@ -240,13 +252,7 @@ def test_avx2_kernel_is_the_fp32_product_of_the_loaded_weights_whatever_the_batc
     assert not fast.AvxLinear(torch.randn(8, 12).bfloat16(), None).exact  # K not a multiple of 8: plain layer
     plain, half = load(tiny_dir), load(tiny_dir, fast=True)
     assert half.language_model.kernel == "avx2-half"
-    embeds, mask = prompt(plain)
-    with torch.inference_mode():
-        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
-        b = half.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
-        assert rel_error(b, a) < 2e-3
-        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
-        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
+    assert_tracks_plain(plain, half)
 
 
 def test_without_native_bf16_and_the_kernels_the_kv_cache_holds_the_bf16_values_in_fp32(tiny_dir, avx2_cpu, monkeypatch) -> None:
@@ -337,13 +343,8 @@ def test_fbgemm_decoder_is_the_fp32_product_of_the_exact_weights(tiny_dir, avx2_
     exact = x.double() @ weight.double().T
     bound = weight.shape[1] * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
     assert ((head(x).double() - exact).abs() <= bound + exact.abs() * 2.0 ** -8).all()  # + bf16 rounding
-    embeds, mask = prompt(plain)
+    assert_tracks_plain(plain, half)
     with torch.inference_mode():
-        a = plain.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
-        b = half.language_model(inputs_embeds=embeds, attention_mask=mask).logits.float()
-        assert rel_error(b, a) < 2e-3
-        kw = dict(attention_mask=mask, eos_token_id=None, max_new_tokens=12)
-        assert torch.equal(generate(plain.language_model, embeds, **kw), generate(half.language_model, embeds, **kw))
         fast.optimize_generation(half.gen_head, half.gen_aligner)
         assert type(half.gen_head.vision_head) is fast.HalfLinear
         codes = torch.randint(0, plain.config.gen_vision_config.image_token_size, (4,))

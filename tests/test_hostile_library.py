@@ -7,12 +7,12 @@ sampler's guards. Images are in test_hostile_images.py."""
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 import torch
 from PIL import Image
 
+from hostile_report import within
 from janusvl import validation
 from janusvl.engine import Engine
 from janusvl.errors import InputError
@@ -27,25 +27,6 @@ def png_bytes(image: Image.Image, **save: object) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", **save)
     return buf.getvalue()
-
-
-def within(seconds: float, call) -> object:
-    """`call()`'s result or exception, failing the test if it takes longer (a hang)."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still running after {seconds} s"
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["value"]
 
 
 # --- image generation -----------------------------------------------------------------------------
