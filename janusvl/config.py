@@ -183,14 +183,12 @@ class QuantizationConfig:
     projections are stored as the int8 or int4 kernels' operands (janusvl.loading.quantized).
     `modules` maps each stored layer (a pattern, `*` for the layer index) to the layers of
     DeepSeek's layout it replaces, fused in that order; `group_size` gives int4's group size per
-    stored layer (int8 has one scale per row: null); `int4_packing` records the CPU layout of the
-    packed int4 weights (see janusvl.models.quant.int4_packing)."""
+    stored layer (int8 has one scale per row: null)."""
 
     quant_method: str = "janusvl"
     scheme: str = "int8"
     modules: dict[str, list[str]] = field(default_factory=dict)
     group_size: dict[str, int] | None = None
-    int4_packing: dict[str, str] | None = None
 
 
 QUANT_SCHEMES = ("int8", "int4")
@@ -206,7 +204,11 @@ def _quantization(raw: Any) -> QuantizationConfig | None:
         raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; janusvl "
                           "loads the int8 and int4 checkpoints `janusvl convert --quantize` writes")
     _expect("quantization_config", "scheme", raw.get("scheme"), set(QUANT_SCHEMES))
-    modules, groups, packing = raw.get("modules"), raw.get("group_size"), raw.get("int4_packing")
+    modules, groups = raw.get("modules"), raw.get("group_size")
+    if raw.get("int4_packing") is not None:
+        raise ConfigError("config.json: this int4 checkpoint holds torch's CPU-specific int4 packing, written by "
+                          "an earlier janusvl; convert its unquantised source again (janusvl convert SRC DST "
+                          "--quantize int4), or quantise at load (quantize='int4')")
     if not (isinstance(modules, dict) and modules and all(
             isinstance(k, str) and isinstance(v, list) and v and all(isinstance(n, str) for n in v)
             for k, v in modules.items())):
@@ -217,14 +219,11 @@ def _quantization(raw: Any) -> QuantizationConfig | None:
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in groups.values())):
             raise ConfigError(f"config.json: quantization_config.group_size must map layers to group sizes, "
                               f"got {groups!r:.80}")
-        if not (isinstance(packing, dict) and all(isinstance(packing.get(k), str) for k in ("cpu_capability", "probe"))):
-            raise ConfigError("config.json: quantization_config.int4_packing must give cpu_capability and probe, "
-                              f"got {packing!r:.80}")
-    elif groups is not None or packing is not None:
-        raise ConfigError("config.json: int8 quantization_config has one scale per row: group_size and "
-                          "int4_packing must be absent or null")
+    elif groups is not None:
+        raise ConfigError("config.json: int8 quantization_config has one scale per row: group_size must be "
+                          "absent or null")
     return QuantizationConfig(method, raw["scheme"], {k: list(v) for k, v in modules.items()},
-                              None if groups is None else dict(groups), None if packing is None else dict(packing))
+                              None if groups is None else dict(groups))
 
 
 @dataclass(frozen=True)

@@ -411,8 +411,8 @@ def int8_path(request, monkeypatch) -> str:
 
 
 def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeypatch, int8_path) -> None:
-    """AVX2: every product (prompts, decode steps, the head) runs janusvl's kernel on the stored
-    int8 weights with fp32 activations, nothing packed. Native bf16: prompts multiply int8 weights
+    """AVX2: every product (prompts, decode steps, the head) runs janusvl's int8 kernel on the
+    stored int8 weights, nothing packed. Native bf16: prompts multiply int8 weights
     x bf16 activations (the head, on one row a sequence, takes the dynamic kernel) and each decode
     step runs every projection in fbgemm's dynamic kernel. Either way a real prefill and a real
     cached decode step stay within the README's bounds of bf16."""
@@ -426,7 +426,7 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
     n = len(lm.model.layers)
     if int8_path == "avx2":
         assert all(m.packed is None and m.kernel is not None for m in lm.modules() if isinstance(m, Int8Linear))
-        calls = record(monkeypatch, kernels.load(), "half_linear", lambda x, w: (rows(x), x.dtype, w.dtype))
+        calls = record(monkeypatch, kernels.load(), "int8_linear", lambda x, w, s: (rows(x), x.dtype, w.dtype))
         seen = phases(lm, embeds, mask, calls)
         assert seen["prefill"][1] == [(B * T, torch.float32, torch.int8)] * 4 * n + [(B, torch.float32, torch.int8)]
         assert seen["decode"][1] == [(B, torch.float32, torch.int8)] * (4 * n + 1)
@@ -445,61 +445,142 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
         assert 0 < error < bound, phase  # 0 would mean nothing was quantised
 
 
-def test_int8_avx2_kernel_is_the_fp32_product_of_the_stored_weights(monkeypatch) -> None:
-    """The AVX2 int8 layer computes (x . qweight) * scale in fp32, exact weights, any row count
-    (a batched row equals the row alone), and reads the stored int8 tensor in place."""
+def quantized_rows(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as the integer kernels quantise it, computed here independently: each block of
+    `block` values as int8 round(x * 127 / absmax) (ties to even) with scale absmax / 127."""
+    M, K = x.shape
+    xb = x.float().view(M, K // block, block)
+    top = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    return torch.round(xb * inv).clamp(-127, 127), top / 127.0  # [M, K/block, block], [M, K/block, 1]
+
+
+def assert_batch_invariant(layer, x: torch.Tensor) -> None:
+    """Every row of a batch (up to x's rows) equals the same row computed alone, to the bit."""
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
+    assert all(torch.equal(layer(x[:M]), alone[:M]) for M in range(1, x.shape[0] + 1))
+
+
+def test_int8_avx2_kernel_is_the_integer_product_of_quantised_activations(monkeypatch) -> None:
+    """Up to 128 rows the AVX2 int8 layer computes the sum over blocks of 32 of x's block scale
+    times the exact integer dot product of x's int8 block with the stored int8 weights, times the
+    row scale (checked against that sum computed here in float64, within the kernel's fp32
+    rounding), and a batched row equals the row alone. More rows (prompts) are the fp32 product
+    of x with the stored weights (weight-only error). The stored int8 tensor is read in place."""
     assert kernels.load() is not None, kernels.unavailable_reason()
     monkeypatch.setattr(quant, "native_bf16", lambda: False)
     g = torch.Generator().manual_seed(4)
-    w, bias = torch.randn(101, 256, generator=g).bfloat16(), torch.randn(101, generator=g).bfloat16()
+    K = 256
+    w, bias = torch.randn(101, K, generator=g).bfloat16(), torch.randn(101, generator=g).bfloat16()
     layer = Int8Linear.from_weight(w, bias)
     assert layer.kernel is not None and layer.packed is None
-    x = torch.randn(19, 256, generator=g)
+    x = torch.randn(19, K, generator=g)
+    x[3, 64:96] = 0  # an all-zero block
+    x[5, 7] = 300.0  # an outlier: its block's other values lose precision, no other block does
     q, scale = layer.qweight.double(), layer.scale.double()
-    exact = (x.double() @ q.T) * scale + bias.double()
-    bound = 256 * 2.0 ** -24 * (x.double().abs() @ q.abs().T) * scale + exact.abs() * 2.0 ** -23
+    qx, sx = quantized_rows(x, 32)
+    dots = torch.einsum("mbk,nbk->mnb", qx.double(), q.view(101, K // 32, 32))  # exact integers
+    scaled = dots * sx.double().view(19, 1, K // 32)
+    exact = scaled.sum(-1) * scale + bias.double()
+    bound = (K // 32) * 2.0 ** -23 * scaled.abs().sum(-1) * scale + exact.abs() * 2.0 ** -22
     assert ((layer(x).double() - exact).abs() <= bound + 1e-6).all()
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(19)])
-    assert all(torch.equal(layer(x[:M]), alone[:M]) for M in range(1, 20))
+    weight_only = (x.double() @ q.T) * scale + bias.double()
+    plain_rows = [i for i in range(19) if i != 5]  # the activations' quantisation error, no outlier
+    assert rel_error(layer(x).double()[plain_rows], weight_only[plain_rows]) < 1e-2
+    assert_batch_invariant(layer, x)
+    prompt_rows = torch.randn(130, K, generator=g)  # more than 128 rows: fp32 product, weight-only
+    wide = (prompt_rows.double() @ q.T) * scale + bias.double()
+    assert ((layer(prompt_rows).double() - wide).abs()
+            <= 1e-4 * (prompt_rows.double().abs() @ q.abs().T) * scale + 1e-6).all()
+
+
+def test_int4_avx2_kernel_is_the_integer_product_of_quantised_activations() -> None:
+    """Up to 128 rows the int4 layer computes, per group, x's group scale times the stored group
+    scale times the exact integer dot product of x's int8 group with the 4-bit values, plus the
+    group's low value times the exact sum of x over the group, plus the group scale times 8 times
+    that sum's quantisation error (so the error meets q - 8, centred; checked against those sums
+    computed here in float64); a batched row equals the row alone; more rows are the fp32
+    product with the dequantised weights. Both group sizes (32 and 64 values)."""
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    g = torch.Generator().manual_seed(5)
+    for N, K in [(37, 160), (70, 256)]:
+        layer = quant.Int4Linear.from_weight(torch.randn(N, K, generator=g).bfloat16(), None)
+        G = layer.group_size
+        assert layer.kernel is not None and G == (32 if K == 160 else 64)
+        x = torch.randn(19, K, generator=g)
+        x[2, 5] = -250.0
+        values = quant.unpack_int4(layer.qweight).double().view(N, K // G, G)
+        qx, sx = quantized_rows(x, G)
+        dots = torch.einsum("mgk,ngk->mng", qx.double(), values)
+        scaled = dots * sx.double().view(19, 1, K // G) * layer.scales.double()
+        sums = x.double().view(19, K // G, G).sum(-1)
+        error = 8 * (sums - sx.double().view(19, K // G) * qx.double().sum(-1))
+        rest = sums @ layer.lows.double().T + error @ layer.scales.double().T
+        exact = scaled.sum(-1) + rest
+        bound = (K // G) * 2.0 ** -22 * (scaled.abs().sum(-1) + rest.abs()) + exact.abs() * 2.0 ** -22
+        assert ((layer(x).double() - exact).abs() <= bound + 1e-5).all(), (N, K)
+        plain_rows = [i for i in range(19) if i != 2]  # the activations' quantisation error, no outlier
+        assert rel_error(layer(x).double()[plain_rows], (x.double() @ layer.dequantized().double().T)[plain_rows]) < 1e-2
+        assert_batch_invariant(layer, x)
+        prompt_rows = torch.randn(130, K, generator=g)
+        d = layer.dequantized().double()
+        assert ((layer(prompt_rows).double() - prompt_rows.double() @ d.T).abs()
+                <= 1e-4 * (prompt_rows.double().abs() @ d.abs().T) + 1e-6).all()
+
+
+def test_int4_runs_torch_int4_kernel_where_janusvl_kernels_are_not_built(tiny_dir, monkeypatch) -> None:
+    """Without janusvl's kernels the same stored int4 values run torch's int4 kernel on a copy
+    repacked at load: the fp32 product with the dequantised weights (no activation quantising)."""
+    monkeypatch.setattr(quant.kernels, "load", lambda: None)
+    g = torch.Generator().manual_seed(6)
+    layer = quant.Int4Linear.from_weight(torch.randn(48, 128, generator=g).bfloat16(), None)
+    assert layer.kernel is None and layer.torch_packed is not None
+    x = torch.randn(3, 128, generator=g)
+    assert rel_error(layer(x).double(), x.double() @ layer.dequantized().double().T) < 1e-5
+    q = load(tiny_dir, quantize="int4")
+    assert q.language_model.kernel == "int4-torch"
+    embeds, mask = prompt(q)
+    assert torch.isfinite(q.language_model(inputs_embeds=embeds, attention_mask=mask).logits).all()
 
 
 def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monkeypatch) -> None:
-    """Every projection and the head run torch's int4 kernel on bf16 activations, prompts and
+    """Every projection and the head run janusvl's int4 kernel on the stored operands, prompts and
     decode steps alike; a real prefill and cached decode step stay within the README's bounds."""
+    assert kernels.load() is not None, kernels.unavailable_reason()
     plain, q = load(tiny_dir), load(tiny_dir, quantize="int4")
-    assert q.language_model.kernel == "int4"
+    assert q.language_model.kernel == "int4-avx2"
     embeds, mask = prompt(plain)
     B, T, _ = embeds.shape
     reference = phases(plain.language_model, embeds, mask, [])
-    calls = record(monkeypatch, torch.ops.aten, "_weight_int4pack_mm_for_cpu",
-                   lambda x, w, group, scales: (rows(x), x.dtype, group))
+    calls = record(monkeypatch, kernels.load(), "int4_linear",
+                   lambda x, w, scales, lows: (rows(x), x.dtype, x.shape[1] // scales.shape[1]))
     seen = phases(q.language_model, embeds, mask, calls)
     n, D = len(q.language_model.model.layers), plain.config.language_config.hidden_size
     groups = [64, 64, 64, quant.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
     assert D % 64 == 0
-    assert seen["prefill"][1] == [(B * T, torch.bfloat16, g) for g in groups[:-1]] + [(B, torch.bfloat16, 64)]
-    assert seen["decode"][1] == [(B, torch.bfloat16, g) for g in groups]
+    assert seen["prefill"][1] == [(B * T, torch.float32, g) for g in groups[:-1]] + [(B, torch.float32, 64)]
+    assert seen["decode"][1] == [(B, torch.float32, g) for g in groups]
     for phase in ("prefill", "decode"):
         error = rel_error(seen[phase][0], reference[phase][0])
         print(f"\nint4 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")
         assert 0 < error < INT4_MAX_REL_ERROR, phase
 
 
-def test_int4_linear_multiplies_by_its_dequantised_weight() -> None:
-    """Each weight is within half a quantisation step of the original (steps per group), and the
-    kernel's product is the product with those weights up to bf16 rounding."""
+def test_int4_weights_are_within_half_a_step_of_the_originals() -> None:
+    """Each weight's dequantised value is within half a quantisation step of the original (steps
+    per group), up to the bf16 rounding of the group's low value and step; the nibbles pack and
+    unpack losslessly."""
     g = torch.Generator().manual_seed(0)
     for N, K in [(96, 160), (160, 64)]:
         w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
         layer = quant.Int4Linear.from_weight(w, None)
         G = layer.group_size
         assert G == (32 if K == 160 else 64) and layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == N * K // 2
+        values = quant.unpack_int4(layer.qweight)
+        assert values.max() <= 15 and torch.equal(quant.pack_int4(values), layer.qweight)
         d = layer.dequantized()
-        step, zero = (layer.scales_and_zeros[..., i].float().T.repeat_interleave(G, dim=1) for i in (0, 1))  # [N, K]
-        # half a step, plus the bf16 rounding of each group's offset (it shifts the whole grid)
-        assert ((d - w.float()).abs() <= step / 2 + zero.abs() * 2.0 ** -8).all()
-        x = torch.randn(5, K, generator=g).bfloat16()
-        assert rel_error(layer(x).float(), x.float() @ d.T) < 4e-3
+        step, low = (t.float().repeat_interleave(G, dim=1) for t in (layer.scales, layer.lows))  # [N, K]
+        assert ((d - w.float()).abs() <= step / 2 + (low.abs() + 15 * step) * 2.0 ** -8).all()
     with pytest.raises(ValueError, match="divisible by 32"):
         quant.Int4Linear.from_weight(torch.randn(8, 48), None)
 
@@ -557,7 +638,7 @@ def test_janus_from_pretrained_quantizes_and_rejects_unknown_schemes(tiny_dir, t
     with pytest.raises(InputError, match="quantize must be None, 'int8' or 'int4', got 'int2'"):
         Janus.from_pretrained(tiny_dir, quantize="int2")
     four = Janus.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", quantize="int4")
-    assert four.model.language_model.kernel == "int4"
+    assert four.model.language_model.kernel == "int4-avx2"
     assert isinstance(four.model.language_model.model.layers[0].mlp.down_proj, quant.Int4Linear)
     assert four.chat("Describe.", max_new_tokens=8).completion_tokens == 8
 

@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("half_linear.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("half_linear.cpp", "int_linear.cpp")]
 NEEDED_FLAGS = ("avx2", "fma", "f16c")
 
 _lock = threading.Lock()
@@ -57,7 +57,7 @@ def unavailable_reason() -> str | None:
 
 
 def build_directory() -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("JANUSVL_KERNEL_CACHE", Path.home() / ".cache" / "janusvl" / "kernels"))
     return root / tag
@@ -82,7 +82,7 @@ def _build() -> ModuleType | None:
         print("janusvl: compiling its CPU kernel (once per version, about half a minute)...", file=sys.stderr)
     try:
         return cpp_extension.load(
-            name=f"janusvl_half_linear_{directory.name}", sources=[str(SOURCE)], build_directory=str(directory),
+            name=f"janusvl_half_linear_{directory.name}", sources=[str(path) for path in SOURCES], build_directory=str(directory),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's kernels

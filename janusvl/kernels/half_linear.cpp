@@ -242,7 +242,26 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 }  // namespace
 
+namespace janusvl {
+
+void int8_panels(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& y) {
+  run_panels<INT8>(x, static_cast<const int8_t*>(weight.data_ptr()), weight.stride(0), weight.size(0), y);
+}
+
+// int_linear.cpp
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale);
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& low);
+torch::Tensor int4_dequantize(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& low);
+
+}  // namespace janusvl
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &janusvl::int8_linear,
+        "x float32 [M, K] times int8 weights [N, K] with row scales [N] (activations quantised in blocks of 32)");
+  m.def("int4_linear", &janusvl::int4_linear,
+        "x float32 [M, K] times int4 weights (uint8 [N, K/2], bf16 scale and low [N, K/G])");
+  m.def("int4_dequantize", &janusvl::int4_dequantize, "the fp32 weights [N, K] of int4 operands");
   m.def("half_linear", &half_linear, "y = x W^T, x float32 [M, K], W bfloat16/float16 [N, K]; float32 [M, N]");
   m.def("decode_attention", &decode_attention, "one query per row over a bf16/fp16 KV cache; float32 [B, H, 1, D]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("valid") = pybind11::none(),

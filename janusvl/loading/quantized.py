@@ -7,12 +7,12 @@ gate/up, then `self_attn.o_proj`, `mlp.down_proj` and `lm_head`), each as the te
 is built from (janusvl.models.quant):
 
     int8: `<layer>.qweight` int8 [N, K], `<layer>.scale` float32 [N]
-    int4: `<layer>.qweight` uint8 [N, K/2] (`_convert_weight_to_int4pack_for_cpu`'s output),
-          `<layer>.scales_and_zeros` bfloat16 [K/G, N, 2]
+    int4: `<layer>.qweight` uint8 [N, K/2] (two values a byte), `<layer>.scales` and
+          `<layer>.lows` bfloat16 [N, K/G] (janusvl.models.quant.Int4Linear)
     both: `<layer>.bias` when the projections have biases
 
-config.json's `quantization_config` says which scheme, which layers, int4's group sizes and the
-CPU layout of the packed int4 weights. Loading reads these tensors memory-mapped and builds the
+config.json's `quantization_config` says which scheme, which layers and int4's group sizes; the
+stored layout is the same on every CPU. Loading reads these tensors memory-mapped and builds the
 layers on them: nothing is quantised at load, and the results are those of quantising at load.
 """
 
@@ -28,7 +28,7 @@ import torch
 from ..config import JanusConfig, QuantizationConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..models.fast import LAYER_PROJECTIONS, projections, release_pages
-from ..models.quant import QUANTIZERS, SCHEMES, int4_group_size, int4_packing, quantize_int4, quantize_int8, quantized_kernel
+from ..models.quant import QUANTIZERS, SCHEMES, int4_group_size, quantize_int4, quantize_int8, quantized_kernel
 
 LM = "language_model."
 _EMBED = "model.embed_tokens"
@@ -84,7 +84,6 @@ def quantization_config_dict(config: JanusConfig, scheme: str) -> dict[str, Any]
         out["group_size"] = {_kind(layer): int4_group_size(_shape(config, layer)[1])
                              for layer in ("model.layers.0." + k for k in LAYER_PROJECTIONS)}
         out["group_size"]["lm_head"] = int4_group_size(config.language_config.hidden_size)
-        out["int4_packing"] = int4_packing()
     return out
 
 
@@ -104,16 +103,8 @@ def check_loadable(config: JanusConfig, device: torch.device) -> QuantizationCon
         if q.group_size != want:
             raise ConfigError(f"config.json: quantization_config.group_size {q.group_size} differs from the "
                               f"groups janusvl's int4 layers use for these widths, {want}")
-        if device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            raise CheckpointError(f"int4 checkpoints run in torch's int4 CPU kernel, which {device} with torch "
-                                  f"{torch.__version__} does not have; load it on device='cpu' (torch >= 2.6)")
-        here = int4_packing()
-        if q.int4_packing["probe"] != here["probe"]:
-            raise CheckpointError(
-                f"this int4 checkpoint's weights are packed in the layout of torch's "
-                f"{q.int4_packing['cpu_capability']} int4 kernel, and torch on this machine runs its "
-                f"{here['cpu_capability']} kernel, which reads another layout; convert the unquantised "
-                "checkpoint here (janusvl convert SRC DST --quantize int4) or quantise at load (quantize='int4')")
+        if device.type != "cpu":
+            raise CheckpointError(f"int4 checkpoints run on the CPU only; load it on device='cpu', not {device}")
     return q
 
 
