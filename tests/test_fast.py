@@ -24,7 +24,7 @@ from torch import nn
 from conftest import rel_error
 from janusvl import InputError, Janus, MultiModalityCausalLM, kernels
 from janusvl.generation.text import decode_step, generate, prefill
-from janusvl.models import fast, layers, quant
+from janusvl.models import fast, layers, llama, quant
 from janusvl.models.fast import PackedLinear, can_pack, optimize, release_pages
 from janusvl.models.quant import Int8Linear
 from test_loading import tied_checkpoint
@@ -393,6 +393,56 @@ def test_fp32_decoders_are_left_as_loaded(tiny_dir, packing_cpu) -> None:
     optimize(model.language_model)
     assert type(model.language_model.lm_head) is layers.Linear
     assert model.language_model.model.layers[0].self_attn.qkv_proj is None
+
+
+# --- small decoder ops in one kernel call ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_rope_is_the_plain_rope_to_the_bit(dtype) -> None:
+    """The kernel's rotary embedding rounds each product and the sum as torch's half-precision
+    ops do: equal to `apply_rope` bit for bit, on a strided q (a slice of a fused projection)."""
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    g = torch.Generator().manual_seed(1)
+    positions = torch.randint(0, 4096, (3, 5), generator=g)
+    cos, sin = llama.rope_tables(positions, 64, 10000.0, dtype)
+    fused = (torch.randn(3, 5, 6 * 64 + 32, generator=g) * 3).to(dtype)
+    q = fused[..., 32:].view(3, 5, 6, 64)  # not contiguous: rows of the fused projection
+    got = kernels.load().rope(q, cos, sin)
+    assert got.is_contiguous() and torch.equal(got.transpose(1, 2), llama.apply_rope(q.transpose(1, 2), cos, sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_rms_norm_tracks_the_plain_norm_and_is_row_invariant(dtype) -> None:
+    """The kernel's RMSNorm sums squares in another order than torch: within one rounding of
+    the plain norm (identical on most values), and a row's result does not depend on its batch."""
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    g = torch.Generator().manual_seed(2)
+    norm = llama.RMSNorm(96, 1e-6)
+    norm.weight.data = (torch.randn(96, generator=g) * 0.3 + 1).to(dtype)
+    x = (torch.randn(4, 7, 96, generator=g) * 2).to(dtype)
+    with torch.no_grad():
+        plain = norm(x)
+        norm.kernel = kernels.load()
+        fused = norm(x)
+        alone = torch.stack([norm(x[i:i + 1])[0] for i in range(4)])
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert ((fused.float() - plain.float()).abs() <= plain.float().abs() * ulp + 1e-6).all()
+    assert (fused == plain).float().mean() > 0.99
+    assert torch.equal(fused, alone)
+
+
+def test_small_ops_are_fused_only_where_bf16_is_emulated(tiny_dir, monkeypatch) -> None:
+    """AVX2 (emulated bf16): every RMSNorm and attention layer of an optimised decoder runs the
+    fused kernels, and the decoder tracks the plain one; native bf16 keeps torch's ops."""
+    for native in (False, True):
+        monkeypatch.setattr(layers, "native_bf16", lambda native=native: native)
+        model = load(tiny_dir, fast=True)
+        fused = [m.kernel is not None for m in model.language_model.modules()
+                 if isinstance(m, (llama.RMSNorm, llama.Attention))]
+        assert len(fused) == 3 * len(model.language_model.model.layers) + 1
+        assert all(fused) if not native else not any(fused)
+        if not native:
+            assert_tracks_plain(load(tiny_dir), model)
 
 
 # --- int8 ----------------------------------------------------------------------------------------

@@ -163,12 +163,29 @@ torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight) {
 template <typename W>
 void attend_one(const float* q, const uint16_t* k, const uint16_t* v, int64_t kv_stride, const bool* valid,
                 int64_t S, int64_t D, float scale, float* scores, float* out) {
+  // Scores four keys at a time (eight independent accumulator chains instead of two: the
+  // fused multiply-adds' latency, not the memory, bounded one key at a time); each key's score
+  // is computed exactly as alone: two chains over d, then the same reduction.
   float top = -INFINITY;
-  for (int64_t t = 0; t < S; ++t) {
-    if (valid != nullptr && !valid[t]) {
-      scores[t] = -INFINITY;
-      continue;
+  int64_t t = 0;
+  for (; t + 4 <= S; t += 4) {
+    __m256 a0[4], a1[4];
+    for (int j = 0; j < 4; ++j) {
+      a0[j] = _mm256_setzero_ps(), a1[j] = _mm256_setzero_ps();
+      const char* ahead = reinterpret_cast<const char*>(k + (t + 16 + j) * kv_stride);
+      for (int64_t byte = 0; byte < D * 2; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
     }
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t* kt = k + (t + j) * kv_stride;
+        a0[j] = _mm256_fmadd_ps(q0, W::load(kt + d), a0[j]);
+        a1[j] = _mm256_fmadd_ps(q1, W::load(kt + d + 8), a1[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) scores[t + j] = reduce(_mm256_add_ps(a0[j], a1[j])) * scale;
+  }
+  for (; t < S; ++t) {
     const uint16_t* kt = k + t * kv_stride;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
@@ -176,10 +193,13 @@ void attend_one(const float* q, const uint16_t* k, const uint16_t* v, int64_t kv
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), W::load(kt + d + 8), a1);
     }
     scores[t] = reduce(_mm256_add_ps(a0, a1)) * scale;
+  }
+  for (t = 0; t < S; ++t) {
+    if (valid != nullptr && !valid[t]) scores[t] = -INFINITY;
     top = std::max(top, scores[t]);
   }
   float total = 0.f;
-  for (int64_t t = 0; t < S; ++t) {
+  for (t = 0; t < S; ++t) {
     scores[t] = std::exp(scores[t] - top);  // exp(-inf) = 0 for masked positions
     total += scores[t];
   }
@@ -187,10 +207,12 @@ void attend_one(const float* q, const uint16_t* k, const uint16_t* v, int64_t kv
   __m256 acc[kMaxVectors];
   const int64_t vectors = D / 8;
   for (int64_t i = 0; i < vectors; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < S; ++t) {
+  for (t = 0; t < S; ++t) {
     if (scores[t] == 0.f) continue;
     const __m256 p = _mm256_set1_ps(scores[t]);
     const uint16_t* vt = v + t * kv_stride;
+    const char* ahead = reinterpret_cast<const char*>(vt + 8 * kv_stride);
+    for (int64_t byte = 0; byte < D * 2; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
     for (int64_t i = 0; i < vectors; ++i) acc[i] = _mm256_fmadd_ps(p, W::load(vt + 8 * i), acc[i]);
   }
   const __m256 inv = _mm256_set1_ps(1.f / total);
@@ -240,6 +262,111 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+
+// --- small decoder ops in one call each (RMSNorm, rotary embedding) ------------------------------
+// Decoding one token runs each of these on a few thousand values, where torch's several ops per
+// call cost more in dispatch than in arithmetic. Both round as torch's half-precision ops do
+// (each op's fp32 result rounded to nearest even).
+
+template <typename H>
+struct Half;
+
+template <>
+struct Half<at::BFloat16> {
+  static inline float get(const at::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+  static inline at::BFloat16 put(float f) { return at::BFloat16(f); }  // round to nearest even
+};
+
+template <>
+struct Half<at::Half> {
+  static inline float get(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+  static inline at::Half put(float f) { return at::Half(f); }
+};
+
+template <typename T>
+inline float round_to(float f) {
+  return static_cast<float>(Half<T>::put(f));
+}
+
+// weight * (x * rsqrt(mean(x^2) + eps)) per row, the normalised row rounded to x's dtype first
+// (as janusvl.models.llama.RMSNorm). The sum of squares runs in eight fp32 lanes in order, so a
+// row's result does not depend on the other rows.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t D, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * D;
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8)
+      for (int j = 0; j < 8; ++j) {
+        const float v = Half<T>::get(xr, i + j);
+        lanes[j] += v * v;
+      }
+    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (; i < D; ++i) total += Half<T>::get(xr, i) * Half<T>::get(xr, i);
+    const float inv = 1.f / std::sqrt(total / static_cast<float>(D) + eps);
+    for (i = 0; i < D; ++i)
+      out[r * D + i] = Half<T>::put(Half<T>::get(w, i) * round_to<T>(Half<T>::get(xr, i) * inv));
+  }
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+              weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: x and weight must be bf16/fp16 CPU tensors alike, weight [D]");
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t D = x.size(-1), rows = D == 0 ? 0 : xc.numel() / D;
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_rows(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, D,
+                  static_cast<float>(eps));
+  else
+    rms_norm_rows(xc.data_ptr<at::Half>(), wc.data_ptr<at::Half>(), out.data_ptr<at::Half>(), rows, D,
+                  static_cast<float>(eps));
+  return out;
+}
+
+// Rotate-half rotary embedding of x [B, T, H, D] (any strides but the last) with cos, sin
+// [B, T, D]: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to x's dtype, as
+// janusvl.models.llama.apply_rope computes it op by op. Returns a contiguous [B, T, H, D].
+template <typename T>
+void rope_rows(const torch::Tensor& x, const T* cos, const T* sin, T* out) {
+  const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  const T* xp = x.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      const T* c = cos + (b * Tn + t) * D;
+      const T* s = sin + (b * Tn + t) * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* xr = xp + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
+        T* o = out + ((b * Tn + t) * H + h) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = Half<T>::get(xr, i), x2 = Half<T>::get(xr, i + half);
+          o[i] = Half<T>::put(round_to<T>(x1 * Half<T>::get(c, i)) + round_to<T>(-x2 * Half<T>::get(s, i)));
+          o[i + half] = Half<T>::put(round_to<T>(x2 * Half<T>::get(c, i + half)) +
+                                     round_to<T>(x1 * Half<T>::get(s, i + half)));
+        }
+      }
+    }
+}
+
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0 &&
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "rope: x must be a bf16/fp16 CPU tensor [B, T, H, D] with contiguous rows");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.dim() == 3 &&
+              cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) && cos.size(1) == x.size(1) &&
+              cos.size(2) == x.size(3), "rope: cos and sin must be [B, T, D] in x's dtype");
+  auto c = cos.contiguous(), s = sin.contiguous();
+  auto out = torch::empty(x.sizes(), x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    rope_rows(x, c.data_ptr<at::BFloat16>(), s.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else
+    rope_rows(x, c.data_ptr<at::Half>(), s.data_ptr<at::Half>(), out.data_ptr<at::Half>());
+  return out;
+}
+
 }  // namespace
 
 namespace janusvl {
@@ -262,6 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &janusvl::int4_linear,
         "x float32 [M, K] times int4 weights (uint8 [N, K/2], bf16 scale and low [N, K/G])");
   m.def("int4_dequantize", &janusvl::int4_dequantize, "the fp32 weights [N, K] of int4 operands");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16/fp16 rows as janusvl.models.llama.RMSNorm computes it");
+  m.def("rope", &rope, "rotate-half rotary embedding of x [B, T, H, D]; contiguous [B, T, H, D]");
   m.def("half_linear", &half_linear, "y = x W^T, x float32 [M, K], W bfloat16/float16 [N, K]; float32 [M, N]");
   m.def("decode_attention", &decode_attention, "one query per row over a bf16/fp16 KV cache; float32 [B, H, 1, D]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("valid") = pybind11::none(),

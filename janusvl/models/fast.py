@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import kernels
 from .layers import Linear, emulated, linear, native_bf16
-from .llama import LlamaForCausalLM
+from .llama import Attention, LlamaForCausalLM, RMSNorm
 from .quant import QUANTIZERS, SCHEMES, has_fbgemm, quantized_kernel
 
 
@@ -249,6 +249,7 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    fuse_small_ops(lm)
     if lm.quantization:  # loaded from a pre-quantised checkpoint, or done before
         if quantize not in (None, lm.quantization):
             raise ValueError(f"the decoder is already quantised to {lm.quantization}; it cannot also be {quantize}")
@@ -287,6 +288,21 @@ def optimize(lm: LlamaForCausalLM, quantize: str | None = None) -> LlamaForCausa
             done.result()
     lm.quantization = quantize
     return lm
+
+
+def fuse_small_ops(lm: LlamaForCausalLM) -> None:
+    """Where bf16/fp16 arithmetic is emulated (AVX2) and janusvl's kernels are built, run the
+    decoder's RMSNorms and rotary embeddings in one kernel call each (`rms_norm`, `rope`) instead
+    of torch's seven and six small ops: a decode step spends more in dispatching those than in
+    computing them. The rotary embedding's values are the plain path's to the bit; the norms'
+    sums of squares are added in another order (last-bit differences). Native bf16 keeps torch's
+    ops (bit-identical to the plain path there)."""
+    kernel = kernels.load()
+    if kernel is None or not emulated(lm.model.norm.weight):
+        return
+    for module in lm.modules():
+        if isinstance(module, (RMSNorm, Attention)):
+            module.kernel = kernel
 
 
 def optimize_generation(gen_head: nn.Module, gen_aligner: nn.Module) -> None:

@@ -36,8 +36,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
+        self.kernel = None  # janusvl's kernels, set by janusvl.models.fast.optimize: one call, not seven
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
+            return self.kernel.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -74,8 +77,10 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
-        # Set by janusvl.models.fast: one GEMM for q, k and v (the three projections are then gone).
+        # Set by janusvl.models.fast: one GEMM for q, k and v (the three projections are then gone),
+        # and janusvl's kernels for the rotary embedding (one call per tensor, the same values).
         self.qkv_proj: nn.Module | None = None
+        self.kernel = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -92,10 +97,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kernel is not None and q.dtype == rope[0].dtype and q.device.type == "cpu":
+            q, k = self.kernel.rope(q, *rope).transpose(1, 2), self.kernel.rope(k, *rope).transpose(1, 2)
+        else:
+            q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)
         out = cache.attend(self.layer, q, k, v, mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
