@@ -55,6 +55,9 @@ inline void tile(const float* x, int64_t K, const typename W::T* w, int64_t ldw,
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
+    if (k % 32 == 0)  // the next tile's weight rows, a cache line of each per 32 columns (see int_linear.cpp)
+      for (int n = 0; n < NB; ++n)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NB + n) * ldw + k) , _MM_HINT_T0);
     __m256 wv[NB];
     for (int n = 0; n < NB; ++n) wv[n] = W::load(w + n * ldw + k);
     for (int m = 0; m < MB; ++m) {

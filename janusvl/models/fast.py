@@ -217,16 +217,23 @@ def pick_kernel(weight: torch.Tensor) -> tuple[str, type[nn.Module]] | None:
 
 
 def _decode_cost(layer: nn.Module, weight: torch.Tensor) -> float:
-    """Seconds for one product of 1 row plus one of 8 rows (best of three)."""
+    """Seconds for one product of 1 row plus one of 8 rows (best of three), each run with the
+    weights out of cache as decoding reads them (one layer's weights fit in a large L3, where
+    compute would decide alone and a kernel slower from memory could win)."""
     best = float("inf")
     x = torch.randn(8, weight.shape[1]).to(weight.dtype)
+    evict = torch.empty(_EVICT_BYTES // 4, dtype=torch.float32)
     with torch.inference_mode():
         for _ in range(3):
+            evict.fill_(1.0)  # writing more than the caches hold pushes the weights out
             start = time.perf_counter()
             layer(x[:1])
             layer(x)
             best = min(best, time.perf_counter() - start)
     return best
+
+
+_EVICT_BYTES = 96 << 20  # more than the last-level cache of the CPUs this runs on (32 MB here)
 
 
 def _exact_or_plain(kind: type[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
