@@ -3,11 +3,11 @@
     python benchmarks/quant_error.py [MODEL]
 
 With no MODEL it uses the Janus-Pro-1B-sized random checkpoint that `janusvl bench` writes. Two
-prompts: the benchmark's image + question (prefill path: int8 weights x bf16 activations) and
-the same batch decoding 8 further tokens (decode path: fbgemm's dynamic int8 kernel; int4 runs
-torch's int4 kernel in both). The error is the relative L2 norm ||q - bf16|| / ||bf16|| of the
-last-token logits, as in
-tests/test_fast.py and the README.
+prompts: the benchmark's image + question (prefill path: more than 128 rows, so the weights' error
+alone on AVX2; int8 weights x bf16 activations where bf16 is native) and the same batch decoding
+8 further tokens (decode path: 8 rows, activations quantised per block too: janusvl's integer
+kernels on AVX2, fbgemm's dynamic int8 kernel where bf16 is native). The error is the relative L2
+norm ||q - bf16|| / ||bf16|| of the last-token logits, as in tests/test_fast.py and the README.
 """
 
 from __future__ import annotations

@@ -2,12 +2,17 @@
 
 `half_linear(x, W)`: x float32 [M, K] times weights W [N, K] (bf16, fp16, or int8 whose row
 scales the caller applies; read in place, no repacking), in fp32 arithmetic, on AVX2 + FMA +
-F16C; `decode_attention(q, k, v, valid, scale)`: one query per row over a bf16/fp16 KV cache.
-They exist for CPUs without native bf16, where torch multiplies two or more rows by bf16 weights
-in a scalar loop and fbgemm's kernels need a repacked copy of every weight. Up to 128 rows each
-output is a dot product summed in a fixed order whatever the number of rows (see
-half_linear.cpp), so a batch's rows equal the same rows computed alone; more rows (prompts) go
-through MKL's fp32 product on weight panels widened in cache.
+F16C; `decode_attention(q, k, v, valid, scale)`: one query per row over a bf16/fp16 KV cache;
+`rms_norm` and `rope`: the decoder's small ops in one call each. They exist for CPUs without
+native bf16, where torch multiplies two or more rows by bf16 weights in a scalar loop and
+fbgemm's kernels need a repacked copy of every weight. Up to 128 rows each output is a dot
+product summed in a fixed order whatever the number of rows (see half_linear.cpp), so a batch's
+rows equal the same rows computed alone; more rows (prompts) go through MKL's fp32 product on
+weight panels widened in cache.
+
+`int8_linear` and `int4_linear` (int_linear.cpp): int8 and int4 weights by integer dot products
+with activations quantised per block (decode-sized calls), or widened weight panels (prompts);
+`int4_dequantize` gives the fp32 weights of int4 operands.
 
 The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
 $JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.

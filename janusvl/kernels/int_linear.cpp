@@ -2,15 +2,16 @@
 //
 // Widening every weight to fp32 costs two or three instructions per eight weights, which bounds
 // an AVX2 core well below the memory's rate once weights take a byte or half a byte. Here the
-// activations are quantised instead, once per call: each row of x in blocks of 32 values, one
-// fp32 scale per block (absmax / 127, rounded to nearest). A block of 32 weights then meets its
-// block of x in one multiply-add of bytes into pairs (vpmaddubsw) and one into int32 (vpmaddwd),
-// exact integer arithmetic, and the block's int32 sums are scaled into fp32 accumulators.
+// activations are quantised instead, once per call: each row of x in blocks (32 values for int8,
+// the weights' group for int4), one fp32 scale per block (absmax / 127, rounded to nearest). 32
+// weights then meet 32 values of x in one multiply-add of bytes into pairs (vpmaddubsw) and one
+// into int32 (vpmaddwd), exact integer arithmetic, and a block's int32 sums are scaled into fp32
+// accumulators.
 //
 // int8: w = q * scale[n] (q in -127..127, one scale per output row).
-// int4: w = q * scale[n, g] + low[n, g] (q in 0..15, groups of G inputs, G a multiple of 32),
-//       stored two to a byte: in each block of 32, byte j holds q[j] in its low nibble and
-//       q[j + 16] in its high nibble. The `low` term multiplies the group's exact fp32 sum of x.
+// int4: w = q * scale[n, g] + low[n, g] (q in 0..15, groups of G = 32 or 64 inputs), stored two
+//       to a byte: in each block of 32, byte j holds q[j] in its low nibble and q[j + 16] in its
+//       high nibble. The `low` term multiplies the group's exact sum of x (see int4_tile).
 //
 // As in half_linear.cpp, every output up to kRows rows is computed in one fixed order whatever
 // the number of rows (a row's value depends only on its own row of x and of W). More rows
