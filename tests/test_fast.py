@@ -578,6 +578,23 @@ def test_int4_avx2_kernel_is_the_integer_product_of_quantised_activations() -> N
                 <= 1e-4 * (prompt_rows.double().abs() @ d.abs().T) + 1e-6).all()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_integer_kernels_carry_non_finite_activations_to_their_rows(bad: float, monkeypatch) -> None:
+    """A row holding inf or NaN comes out NaN from both integer kernels (a float product would be
+    non-finite too), never as finite values; the other rows are untouched."""
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 128, generator=g)
+    x = torch.randn(3, 128, generator=g)
+    for layer in (Int8Linear.from_weight(w, None), quant.Int4Linear.from_weight(w, None)):
+        clean = layer(x)
+        x_bad = x.clone()
+        x_bad[1, 77] = bad
+        out = layer(x_bad)
+        assert out[1].isnan().all() and torch.equal(out[[0, 2]], clean[[0, 2]])
+
+
 def test_int4_runs_torch_int4_kernel_where_janusvl_kernels_are_not_built(tiny_dir, monkeypatch) -> None:
     """Without janusvl's kernels the same stored int4 values run torch's int4 kernel on a copy
     repacked at load: the fp32 product with the dequantised weights (no activation quantising)."""

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace janusvl {
 
@@ -60,9 +61,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t block, bool hal
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * K + b * block;
       float top = 0.f;
-      for (int64_t i = 0; i < block; ++i) top = std::max(top, std::fabs(xb[i]));
-      const float inv = top > 0.f ? 127.f / top : 0.f;
-      const float step = top / 127.f;
+      bool finite = true;
+      for (int64_t i = 0; i < block; ++i) {
+        top = std::max(top, std::fabs(xb[i]));
+        finite = finite && std::isfinite(xb[i]);
+      }
+      // A block holding inf or NaN gets a NaN scale: its rows' outputs are NaN, as a float
+      // product's would be non-finite, never finite garbage.
+      const float inv = top > 0.f && finite ? 127.f / top : 0.f;
+      const float step = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
       scale[m * blocks + b] = step;
       int8_t* qb = q + m * K + b * block;
       double total = 0.0;
