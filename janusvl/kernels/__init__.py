@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("half_linear.cpp", "int_linear.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]  # included by both sources: part of the build hash
 NEEDED_FLAGS = ("avx2", "fma", "f16c")
 
 _lock = threading.Lock()
@@ -62,7 +63,7 @@ def unavailable_reason() -> str | None:
 
 
 def build_directory() -> Path:
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("JANUSVL_KERNEL_CACHE", Path.home() / ".cache" / "janusvl" / "kernels"))
     return root / tag

@@ -8,9 +8,7 @@
 // multiply-adds, then one fixed reduction tree. An output's value therefore depends only on its
 // own row of x and of W, never on how many rows are multiplied together (a row decoded in a
 // batch of eight equals the same row alone).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -18,35 +16,10 @@
 
 namespace {
 
-struct BF16 {
-  using T = uint16_t;
-  static inline __m256 load(const uint16_t* p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-};
-
-struct FP16 {
-  using T = uint16_t;
-  static inline __m256 load(const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-};
-
-// int8 weights (a scale per output row applied by the caller): exact in fp32.
-struct INT8 {
-  using T = int8_t;
-  static inline __m256 load(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-};
-
-inline float reduce(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using janusvl::BF16;
+using janusvl::FP16;
+using janusvl::INT8;
+using janusvl::reduce;
 
 // MB rows of x against NB rows of W, accumulators in registers over the whole of K.
 template <typename W, int MB, int NB>
@@ -99,33 +72,13 @@ void run(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t l
   });
 }
 
-// Many rows (prompts): a panel of W's rows is widened to fp32 once into a buffer that stays in
-// L2, and MKL's fp32 product takes it from there, at the speed of the machine's fp32 GEMM. The
-// sums' order is then MKL's, so this path is kept for products of more rows than decoding uses.
-constexpr int64_t kPanel = 256;
-constexpr int64_t kTileRows = 128;  // more rows than this take the panels (measured: faster from ~128)
-
-template <typename W>
-void widen(const typename W::T* w, int64_t ldw, int64_t rows, int64_t K, float* out) {
-  for (int64_t n = 0; n < rows; ++n)
-    for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, W::load(w + n * ldw + k));
-}
+constexpr int64_t kTileRows = 128;  // more rows than this take janusvl::panel_product (measured: faster from ~128)
 
 template <typename W>
 void run_panels(const torch::Tensor& x, const typename W::T* w, int64_t ldw, int64_t N, torch::Tensor& y) {
   const int64_t K = x.size(1);
-  // Buffers are allocated here, not in the pool's threads (each allocating thread would grow
-  // its own malloc arena): one panel per thread.
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  auto buffers = torch::empty({at::get_num_threads(), kPanel, K}, x.options());
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    c10::InferenceMode guard;  // thread-local: the pool's threads must not track these tensors
-    auto panel = buffers[at::get_thread_num()];
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanel, rows = std::min(N - n0, kPanel);
-      widen<W>(w + n0 * ldw, ldw, rows, K, panel.data_ptr<float>());
-      y.narrow(1, n0, rows).copy_(at::mm(x, panel.narrow(0, 0, rows).t()));
-    }
+  janusvl::panel_product(x, N, y, [&](int64_t n0, int64_t rows, float* out) {
+    janusvl::widen<W>(w + n0 * ldw, ldw, rows, K, out);
   });
 }
 
@@ -247,7 +200,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* op = out.data_ptr<float>();
   const int64_t group = H / Hkv;
   const bool bf16 = k.scalar_type() == at::kBFloat16;
-  auto buffers = torch::empty({at::get_num_threads(), S}, q.options());  // see run_panels
+  auto buffers = torch::empty({at::get_num_threads(), S}, q.options());  // see janusvl::panel_product
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     float* scores = buffers.data_ptr<float>() + at::get_thread_num() * S;
     for (int64_t i = i0; i < i1; ++i) {
@@ -373,10 +326,6 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 }  // namespace
 
 namespace janusvl {
-
-void int8_panels(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& y) {
-  run_panels<INT8>(x, static_cast<const int8_t*>(weight.data_ptr()), weight.stride(0), weight.size(0), y);
-}
 
 // int_linear.cpp
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale);

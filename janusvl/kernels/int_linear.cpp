@@ -16,39 +16,18 @@
 // As in half_linear.cpp, every output up to kRows rows is computed in one fixed order whatever
 // the number of rows (a row's value depends only on its own row of x and of W). More rows
 // (prompts, compute bound) widen weight panels to fp32 and take MKL's product: weight-only error.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace janusvl {
-
-// Widen panels to fp32 and multiply with MKL: defined in half_linear.cpp for int8.
-void int8_panels(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& y);
-
 namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRows = 128;
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
-inline float reduce(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows of x quantised in blocks of `block` values (32 or 64): q int8 [M, K], scale [M, K/block].
 // With `halves` (int4, blocks of 64) each block's values are stored in the order its weights
@@ -143,10 +122,8 @@ inline float group_terms(const uint16_t* low, const uint16_t* scale, const float
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= groups; g += 8) {
-    const __m256i l = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low + g)));
-    const __m256i s = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g)));
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(l, 16)), _mm256_loadu_ps(xsum + g), acc);
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(s, 16)), _mm256_loadu_ps(xres + g), acc);
+    acc = _mm256_fmadd_ps(BF16::load(low + g), _mm256_loadu_ps(xsum + g), acc);
+    acc = _mm256_fmadd_ps(BF16::load(scale + g), _mm256_loadu_ps(xres + g), acc);
   }
   float out = reduce(acc);
   for (; g < groups; ++g) {
@@ -312,7 +289,10 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
               "int8_linear: scale must be float32 [out]");
   auto y = torch::empty({M, N}, x.options());
   if (M > kRows) {
-    int8_panels(x, qweight, y);
+    const int8_t* w = qweight.data_ptr<int8_t>();
+    panel_product(x, N, y, [&](int64_t n0, int64_t rows, float* out) {
+      widen<INT8>(w + n0 * qweight.stride(0), qweight.stride(0), rows, K, out);
+    });
     return y.mul_(scale);
   }
   auto qx = torch::empty({M, K}, x.options().dtype(at::kChar));
@@ -341,17 +321,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const 
                       static_cast<const uint16_t*>(low.data_ptr()), q.stride(0), K / groups};
   auto y = torch::empty({M, N}, x.options());
   if (M > kRows) {
-    constexpr int64_t panel = 256;
-    auto buffers = torch::empty({at::get_num_threads(), panel, K}, x.options());  // see half_linear.cpp
-    at::parallel_for(0, (N + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
-      c10::InferenceMode guard;
-      auto buffer = buffers[at::get_thread_num()];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * panel, rows = std::min(N - n0, panel);
-        widen_int4(W, K, n0, rows, buffer.data_ptr<float>());
-        y.narrow(1, n0, rows).copy_(at::mm(x, buffer.narrow(0, 0, rows).t()));
-      }
-    });
+    panel_product(x, N, y, [&](int64_t n0, int64_t rows, float* out) { widen_int4(W, K, n0, rows, out); });
     return y;
   }
   const int64_t G = K / groups;

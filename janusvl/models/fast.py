@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .layers import Linear, emulated, linear, native_bf16
+from .layers import Linear, emulated, fp32_product, linear, native_bf16
 from .llama import Attention, LlamaForCausalLM, RMSNorm
 from .quant import QUANTIZERS, SCHEMES, has_fbgemm, quantized_kernel
 
@@ -83,11 +83,8 @@ class HalfLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
-        y.mul_(self.unscale)  # exact: a power of two per output
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return fp32_product(x, self.out_features, lambda x2: torch.ops.quantized.linear_dynamic_fp16(
+            x2, self.packed).mul_(self.unscale), self.bias)  # unscaling is exact: a power of two per output
 
 
 class AvxLinear(nn.Module):
@@ -104,10 +101,7 @@ class AvxLinear(nn.Module):
         self.exact = self.weight.stride(1) == 1 and self.in_features % 8 == 0  # what the kernel takes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return fp32_product(x, self.out_features, lambda x2: self.kernel.half_linear(x2, self.weight), self.bias)
 
 
 def _fits_fp16(weight: torch.Tensor, shift: torch.Tensor) -> bool:

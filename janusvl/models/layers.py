@@ -15,6 +15,7 @@ half the bytes. On every other CPU and device these layers are exactly torch's.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if emulated(x) and x.numel() > SMALL_ROWS * x.shape[-1]:
         return F.linear(x.float(), weight.float(), _up(bias)).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def fp32_product(x: torch.Tensor, out_features: int, product: Callable[[torch.Tensor], torch.Tensor],
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """product(x's rows as contiguous fp32 [M, K]) -> fp32 [M, out_features], plus `bias` in fp32,
+    returned in x's dtype and shape: how the CPU kernels that compute in fp32 are called."""
+    y = product(x.reshape(-1, x.shape[-1]).float().contiguous())
+    if bias is not None:
+        y.add_(bias)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,

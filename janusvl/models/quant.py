@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .layers import linear, native_bf16
+from .layers import fp32_product, linear, native_bf16
 
 SCHEMES = ("int8", "int4")
 
@@ -67,12 +67,10 @@ class Int8Linear(nn.Module):
         return {"qweight": ((N, K), torch.int8), "scale": ((N,), torch.float32)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.device.type == "cpu":
+            return fp32_product(x, self.out_features, lambda x2: self.kernel.int8_linear(x2, self.qweight, self.scale),
+                                self.bias)
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel is not None and x2.device.type == "cpu":
-            y = self.kernel.int8_linear(x2.float().contiguous(), self.qweight, self.scale)
-            if self.bias is not None:
-                y.add_(self.bias)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.packed is not None and x2.device.type == "cpu" and x2.shape[0] <= DYNAMIC_MAX_ROWS:
             y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, not _HAS_VNNI).to(x.dtype)
         else:
@@ -134,15 +132,13 @@ class Int4Linear(nn.Module):
                 "lows": ((N, groups), torch.bfloat16)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        return fp32_product(x, self.out_features, self._product, self.bias)
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            y = self.kernel.int4_linear(x2, self.qweight, self.scales, self.lows)
-        else:
-            packed, scales_and_zeros = self.torch_packed
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return self.kernel.int4_linear(x2, self.qweight, self.scales, self.lows)
+        packed, scales_and_zeros = self.torch_packed
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_and_zeros)
 
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] in fp32 that the stored values stand for (tests, error figures)."""
