@@ -26,6 +26,7 @@ from janusvl import InputError, Janus, MultiModalityCausalLM, kernels
 from janusvl.generation.text import decode_step, generate, prefill
 from janusvl.models import fast, layers, llama, quant
 from janusvl.models.fast import PackedLinear, can_pack, optimize, release_pages
+from janusvl.models.kv_cache import RaggedBatch
 from janusvl.models.quant import Int8Linear
 from test_loading import tied_checkpoint
 
@@ -90,6 +91,21 @@ def record(monkeypatch, owner: object, name: str, what, calls: list | None = Non
 
 def rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+def operand_kind(operands: list[torch.Tensor]) -> tuple:
+    """What a projection's operands in the one-call decode step make it: bf16/fp16 weights, int8
+    weights + row scales, or int4 weights + scales + lows (with its group size)."""
+    if len(operands) == 3:
+        q, scales, lows = operands
+        return ("int4", q.dtype, scales.dtype, lows.dtype, 2 * q.shape[1] // scales.shape[1])
+    return ("int8", *(t.dtype for t in operands)) if len(operands) == 2 else ("half", operands[0].dtype)
+
+
+def record_one_call(monkeypatch) -> list:
+    """Each call of the kernels' one-call decode step: (rows, [the four projections' kinds] per layer)."""
+    return record(monkeypatch, kernels.load(), "decode_layers", lambda x, cos, sin, layers, *_: (
+        rows(x), [tuple(operand_kind(p) for p in layer[2:]) for layer in layers]))
 
 
 class UnpackedLinear(nn.Module):
@@ -205,13 +221,19 @@ def test_without_native_bf16_every_projection_runs_the_chosen_kernel_in_fp32(tin
     assert len(generation) >= 4 and all(type(m) is kind for m in generation)
     calls = record(monkeypatch, *avx2_kernel_calls(avx2_kernel), lambda x, weight: (rows(x), x.dtype))
     plain = record(monkeypatch, F, "linear", lambda x, w, b=None: (rows(x), x.dtype))
+    one_call = record_one_call(monkeypatch)
     embeds, mask = prompt(model)
     B, T, _ = embeds.shape
     seen = phases(lm, embeds, mask, calls)
     n = len(lm.model.layers)
     # prefill: 4 products a layer on B*T rows, the head on the last position; decode: B rows throughout
     assert seen["prefill"][1] == [(B * T, torch.float32)] * 4 * n + [(B, torch.float32)]
-    assert seen["decode"][1] == [(B, torch.float32)] * (4 * n + 1)
+    if avx2_kernel == "avx2-half":  # the layers in the kernels' one call, on the same weights; the head
+        assert one_call == [(B, [(("half", torch.bfloat16),) * 4] * n)]
+        assert seen["decode"][1] == [(B, torch.float32)]
+    else:  # fbgemm's layers are not the kernels' own: layer by layer
+        assert one_call == []
+        assert seen["decode"][1] == [(B, torch.float32)] * (4 * n + 1)
     assert plain == []
 
 
@@ -445,6 +467,58 @@ def test_small_ops_are_fused_only_where_bf16_is_emulated(tiny_dir, monkeypatch) 
             assert_tracks_plain(load(tiny_dir), model)
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_dir", "gqa_dir"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decode_step_in_one_call_is_the_layer_by_layer_step_to_the_bit(request, checkpoint, quantize, avx2_half,
+                                                                       monkeypatch) -> None:
+    """Where janusvl's kernels run the decoder (AVX2), a decode step runs every layer in one kernel
+    call (`decode_layers`): its logits and the keys and values it stores equal, to the bit, the
+    layer-by-layer step's (the same kernels called one at a time from Python), for bf16, int8 and
+    int4 weights, plain and grouped-query heads, a left-padded batch, and a ragged batch of caches
+    at different lengths (the serving engine's continuous batch)."""
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    model = load(request.getfixturevalue(checkpoint), quantize=quantize, fast=True)
+    lm = model.language_model
+    assert lm.kernel == {None: "avx2-half", "int8": "int8-avx2", "int4": "int4-avx2"}[quantize]
+    embeds, mask = prompt(model)
+    B, T, _ = embeds.shape
+    steps = torch.tensor([[5, 9], [17, 2], [3, 3]])
+    one_call = record(monkeypatch, kernels.load(), "decode_layers", lambda x, *_: rows(x))
+
+    def written(cache) -> list[torch.Tensor]:
+        return [t[:, :, :cache.length] for t in cache.k + cache.v]
+
+    def padded_batch() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cache = lm.model.new_cache(B, T + len(steps))
+        with torch.inference_mode():
+            out = [prefill(lm, embeds, mask, cache)]
+            for i, ids in enumerate(steps):
+                out.append(decode_step(lm, ids, mask.sum(-1, keepdim=True) + i, cache))
+        return out, written(cache)
+
+    def ragged_batch() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        first, second = lm.model.new_cache(1, T + len(steps)), lm.model.new_cache(1, T + len(steps))
+        out = []
+        with torch.inference_mode():
+            lm(inputs_embeds=embeds[:1], past_key_values=first)
+            lm(inputs_embeds=embeds[1:, 7:], past_key_values=second)  # row 1's real tokens: 7 fewer
+            for ids in steps:
+                x = lm.get_input_embeddings()(ids)[:, None]
+                out.append(lm.model(inputs_embeds=x, past_key_values=RaggedBatch([first, second])).last_hidden_state)
+        return out, written(first) + written(second)
+
+    for run in (padded_batch, ragged_batch):
+        with monkeypatch.context() as layer_by_layer:
+            layer_by_layer.setattr(llama.LlamaModel, "_decode_in_one_call", lambda *_: None)
+            expected, expected_kv = run()
+        assert one_call == []
+        got, got_kv = run()
+        assert one_call == [B] * len(steps)
+        one_call.clear()
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), run.__name__
+        assert all(torch.equal(a, b) for a, b in zip(got_kv, expected_kv, strict=True)), run.__name__
+
+
 # --- int8 ----------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["avx2", "fbgemm"])
@@ -477,9 +551,12 @@ def test_int8_phases_use_their_kernels_within_documented_error(tiny_dir, monkeyp
     if int8_path == "avx2":
         assert all(m.packed is None and m.kernel is not None for m in lm.modules() if isinstance(m, Int8Linear))
         calls = record(monkeypatch, kernels.load(), "int8_linear", lambda x, w, s: (rows(x), x.dtype, w.dtype))
+        one_call = record_one_call(monkeypatch)
         seen = phases(lm, embeds, mask, calls)
         assert seen["prefill"][1] == [(B * T, torch.float32, torch.int8)] * 4 * n + [(B, torch.float32, torch.int8)]
-        assert seen["decode"][1] == [(B, torch.float32, torch.int8)] * (4 * n + 1)
+        # decode: the layers in the kernels' one call on the same int8 operands, then the head
+        assert one_call == [(B, [(("int8", torch.int8, torch.float32),) * 4] * n)]
+        assert seen["decode"][1] == [(B, torch.float32, torch.int8)]
     else:
         calls = record(monkeypatch, quant, "linear", lambda x, w, b=None: ("int8 weights", rows(x), x.dtype))
         record(monkeypatch, torch.ops.quantized, "linear_dynamic",
@@ -621,12 +698,16 @@ def test_int4_phases_use_the_int4_kernel_within_documented_error(tiny_dir, monke
     reference = phases(plain.language_model, embeds, mask, [])
     calls = record(monkeypatch, kernels.load(), "int4_linear",
                    lambda x, w, scales, lows: (rows(x), x.dtype, x.shape[1] // scales.shape[1]))
+    one_call = record_one_call(monkeypatch)
     seen = phases(q.language_model, embeds, mask, calls)
     n, D = len(q.language_model.model.layers), plain.config.language_config.hidden_size
     groups = [64, 64, 64, quant.int4_group_size(plain.config.language_config.intermediate_size)] * n + [64]
     assert D % 64 == 0
     assert seen["prefill"][1] == [(B * T, torch.float32, g) for g in groups[:-1]] + [(B, torch.float32, 64)]
-    assert seen["decode"][1] == [(B, torch.float32, g) for g in groups]
+    # decode: the layers in the kernels' one call on the same int4 operands, then the head
+    int4 = ("int4", torch.uint8, torch.bfloat16, torch.bfloat16)
+    assert one_call == [(B, [tuple((*int4, g) for g in groups[:4])] * n)]
+    assert seen["decode"][1] == [(B, torch.float32, 64)]
     for phase in ("prefill", "decode"):
         error = rel_error(seen[phase][0], reference[phase][0])
         print(f"\nint4 vs bf16 last-token logits, {phase}, relative L2 error: {error:.4f}")

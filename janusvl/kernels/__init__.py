@@ -14,6 +14,10 @@ weight panels widened in cache.
 with activations quantised per block (decode-sized calls), or widened weight panels (prompts);
 `int4_dequantize` gives the fp32 weights of int4 operands.
 
+`decode_layers` (decoder_step.cpp): a whole decode step through every decoder layer in one call,
+the same kernels in the same order as the layers' Python forward (bit-identical), without the
+Python dispatch of ~30 small ops a layer. ops.h declares what bindings.cpp exposes.
+
 The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
 $JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.
 Where it cannot be built, or the CPU lacks the instructions, `load()` returns None and the
@@ -32,8 +36,9 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("half_linear.cpp", "int_linear.cpp")]
-HEADERS = [Path(__file__).with_name("simd.h")]  # included by both sources: part of the build hash
+SOURCES = [Path(__file__).with_name(name) for name in (
+    "half_linear.cpp", "int_linear.cpp", "decoder_step.cpp", "bindings.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "ops.h")]  # part of the build hash
 NEEDED_FLAGS = ("avx2", "fma", "f16c")
 
 _lock = threading.Lock()

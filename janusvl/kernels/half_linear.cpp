@@ -8,18 +8,15 @@
 // multiply-adds, then one fixed reduction tree. An output's value therefore depends only on its
 // own row of x and of W, never on how many rows are multiplied together (a row decoded in a
 // batch of eight equals the same row alone).
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
+namespace janusvl {
 namespace {
-
-using janusvl::BF16;
-using janusvl::FP16;
-using janusvl::INT8;
-using janusvl::reduce;
 
 // MB rows of x against NB rows of W, accumulators in registers over the whole of K.
 template <typename W, int MB, int NB>
@@ -55,19 +52,17 @@ void run(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t l
   // Blocks of 48 weight rows (192 KiB at K = 2048) stay in L2 while every group of rows of x
   // passes over them; threads share out the blocks.
   constexpr int64_t block = 48;
-  at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * block, n1 = std::min(N, n0 + block);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) span<W, 4, 3>(x + m * K, K, w, ldw, y + m * N, N, n0, n1);
-      const float* xm = x + m * K;
-      float* ym = y + m * N;
-      switch (M - m) {
-        case 3: span<W, 3, 4>(xm, K, w, ldw, ym, N, n0, n1); break;
-        case 2: span<W, 2, 6>(xm, K, w, ldw, ym, N, n0, n1); break;
-        case 1: span<W, 1, 8>(xm, K, w, ldw, ym, N, n0, n1); break;
-        default: break;
-      }
+  janusvl::share_blocks((N + block - 1) / block, [&](int64_t b) {
+    const int64_t n0 = b * block, n1 = std::min(N, n0 + block);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) span<W, 4, 3>(x + m * K, K, w, ldw, y + m * N, N, n0, n1);
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (M - m) {
+      case 3: span<W, 3, 4>(xm, K, w, ldw, ym, N, n0, n1); break;
+      case 2: span<W, 2, 6>(xm, K, w, ldw, ym, N, n0, n1); break;
+      case 1: span<W, 1, 8>(xm, K, w, ldw, ym, N, n0, n1); break;
+      default: break;
     }
   });
 }
@@ -91,6 +86,8 @@ void dispatch(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor
     run<W>(x.data_ptr<float>(), x.size(0), x.size(1), w, weight.stride(0), weight.size(0), y.data_ptr<float>());
 }
 
+}  // namespace
+
 // y = x W^T for W bf16, fp16 or int8 (int8: the caller applies its row scales), x float32.
 torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "half_linear runs on the CPU");
@@ -111,6 +108,8 @@ torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight) {
     dispatch<INT8>(x, weight, y);
   return y;
 }
+
+namespace {
 
 // One query per row (decoding) against a half-precision KV cache: out = softmax(q k^T * scale) v
 // for each row and head, the keys and values widened to fp32 in registers (a bf16 cache then
@@ -175,8 +174,10 @@ void attend_one(const float* q, const uint16_t* k, const uint16_t* v, int64_t kv
   for (int64_t i = 0; i < vectors; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
 }
 
+}  // namespace
+
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const c10::optional<torch::Tensor>& valid, double scale) {
+                               const std::optional<torch::Tensor>& valid, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(),
               "decode_attention: q must be contiguous float32 [B, H, 1, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes() && k.strides() == v.strides() &&
@@ -201,23 +202,22 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t group = H / Hkv;
   const bool bf16 = k.scalar_type() == at::kBFloat16;
   auto buffers = torch::empty({at::get_num_threads(), S}, q.options());  // see janusvl::panel_product
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  share_blocks(B * H, [&](int64_t i) {
     float* scores = buffers.data_ptr<float>() + at::get_thread_num() * S;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const int64_t offset = b * k.stride(0) + (h / group) * k.stride(1);
-      const bool* row_valid = mask == nullptr ? nullptr : mask + b * S;
-      if (bf16)
-        attend_one<BF16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
-                         static_cast<float>(scale), scores, op + i * D);
-      else
-        attend_one<FP16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
-                         static_cast<float>(scale), scores, op + i * D);
-    }
+    const int64_t b = i / H, h = i % H;
+    const int64_t offset = b * k.stride(0) + (h / group) * k.stride(1);
+    const bool* row_valid = mask == nullptr ? nullptr : mask + b * S;
+    if (bf16)
+      attend_one<BF16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
+                       static_cast<float>(scale), scores, op + i * D);
+    else
+      attend_one<FP16>(qp + i * D, kp + offset, vp + offset, k.stride(2), row_valid, S, D,
+                       static_cast<float>(scale), scores, op + i * D);
   });
   return out;
 }
 
+namespace {
 
 // --- small decoder ops in one call each (RMSNorm, rotary embedding) ------------------------------
 // Decoding one token runs each of these on a few thousand values, where torch's several ops per
@@ -266,6 +266,8 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t D, floa
   }
 }
 
+}  // namespace
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
               weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(-1),
@@ -282,6 +284,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
                   static_cast<float>(eps));
   return out;
 }
+
+namespace {
 
 // Rotate-half rotary embedding of x [B, T, H, D] (any strides but the last) with cos, sin
 // [B, T, D]: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to x's dtype, as
@@ -307,6 +311,8 @@ void rope_rows(const torch::Tensor& x, const T* cos, const T* sin, T* out) {
     }
 }
 
+}  // namespace
+
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0 &&
               (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
@@ -323,28 +329,4 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return out;
 }
 
-}  // namespace
-
-namespace janusvl {
-
-// int_linear.cpp
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale);
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                          const torch::Tensor& low);
-torch::Tensor int4_dequantize(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& low);
-
 }  // namespace janusvl
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &janusvl::int8_linear,
-        "x float32 [M, K] times int8 weights [N, K] with row scales [N] (activations quantised in blocks of 32)");
-  m.def("int4_linear", &janusvl::int4_linear,
-        "x float32 [M, K] times int4 weights (uint8 [N, K/2], bf16 scale and low [N, K/G])");
-  m.def("int4_dequantize", &janusvl::int4_dequantize, "the fp32 weights [N, K] of int4 operands");
-  m.def("rms_norm", &rms_norm, "RMSNorm of bf16/fp16 rows as janusvl.models.llama.RMSNorm computes it");
-  m.def("rope", &rope, "rotate-half rotary embedding of x [B, T, H, D]; contiguous [B, T, H, D]");
-  m.def("half_linear", &half_linear, "y = x W^T, x float32 [M, K], W bfloat16/float16 [N, K]; float32 [M, N]");
-  m.def("decode_attention", &decode_attention, "one query per row over a bf16/fp16 KV cache; float32 [B, H, 1, D]",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("valid") = pybind11::none(),
-        pybind11::arg("scale"));
-}

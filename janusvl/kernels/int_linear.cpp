@@ -16,6 +16,7 @@
 // As in half_linear.cpp, every output up to kRows rows is computed in one fixed order whatever
 // the number of rows (a row's value depends only on its own row of x and of W). More rows
 // (prompts, compute bound) widen weight panels to fp32 and take MKL's product: weight-only error.
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -192,17 +193,15 @@ constexpr int64_t kWeightBlock = 64;
 
 template <template <int, int> class Tile, typename Args>
 void tiles(int64_t M, int64_t N, const Args& args) {
-  at::parallel_for(0, (N + kWeightBlock - 1) / kWeightBlock, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * kWeightBlock, n1 = std::min(N, n0 + kWeightBlock);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) Tile<4, 2>::span(args, m, n0, n1);
-      switch (M - m) {
-        case 3: Tile<3, 2>::span(args, m, n0, n1); break;
-        case 2: Tile<2, 3>::span(args, m, n0, n1); break;
-        case 1: Tile<1, 4>::span(args, m, n0, n1); break;
-        default: break;
-      }
+  share_blocks((N + kWeightBlock - 1) / kWeightBlock, [&](int64_t blk) {
+    const int64_t n0 = blk * kWeightBlock, n1 = std::min(N, n0 + kWeightBlock);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) Tile<4, 2>::span(args, m, n0, n1);
+    switch (M - m) {
+      case 3: Tile<3, 2>::span(args, m, n0, n1); break;
+      case 2: Tile<2, 3>::span(args, m, n0, n1); break;
+      case 1: Tile<1, 4>::span(args, m, n0, n1); break;
+      default: break;
     }
   });
 }

@@ -103,6 +103,11 @@ class AvxLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp32_product(x, self.out_features, lambda x2: self.kernel.half_linear(x2, self.weight), self.bias)
 
+    def step_operands(self) -> list[torch.Tensor] | None:
+        """What the kernels' one-call decode step multiplies by (janusvl.models.llama)."""
+        half = self.weight.dtype in (torch.bfloat16, torch.float16)
+        return [self.weight] if half and self.bias is None and self.exact else None
+
 
 def _fits_fp16(weight: torch.Tensor, shift: torch.Tensor) -> bool:
     """Whether every weight * 2**shift (per row; the largest under 2**15) is an fp16 value.

@@ -136,6 +136,20 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def step_operands(self) -> list[list[torch.Tensor]] | None:
+        """This layer as the kernels' one-call decode step takes it ({norm, norm, qkv, o, gate_up,
+        down}, each projection's kernel operands), or None when any part of it runs elsewhere."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.kernel is None or self.input_layernorm.kernel is None or self.post_attention_layernorm.kernel is None:
+            return None
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            return None
+        parts = [getattr(p, "step_operands", None) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        operands = [None if part is None else part() for part in parts]
+        if any(o is None for o in operands):
+            return None
+        return [[self.input_layernorm.weight], [self.post_attention_layernorm.weight], *operands]
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LanguageConfig) -> None:
@@ -186,10 +200,37 @@ class LlamaModel(nn.Module):
         positions = position_ids.to(x.device)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = cache.attention_mask(T)
-        for layer in self.layers:
-            x = layer(x, rope, cache, mask)
+        stepped = self._decode_in_one_call(x, rope, cache, mask) if T == 1 else None
+        if stepped is not None:
+            x = stepped
+        else:
+            for layer in self.layers:
+                x = layer(x, rope, cache, mask)
         cache.advance(T)
         return BaseModelOutput(self.norm(x), cache if use_cache or past_key_values is not None else None)
+
+
+    def _decode_in_one_call(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                            cache: KVCache | RaggedBatch, mask: torch.Tensor | list[torch.Tensor | None] | None,
+                            ) -> torch.Tensor | None:
+        """Every layer of a decode step (one token per row) in one kernel call, where the layers'
+        kernels are janusvl's own (set by janusvl.models.fast.optimize on CPUs that emulate bf16):
+        the same kernels in the same order as the layers' forward, without ~30 Python-dispatched
+        ops per layer. None where any layer or cache is not of that kind."""
+        kernel = self.layers[0].self_attn.kernel if len(self.layers) else None
+        if kernel is None or torch.is_grad_enabled() or x.dtype != self.norm.weight.dtype:
+            return None
+        caches, masks = (cache.caches, mask) if isinstance(cache, RaggedBatch) else ([cache], [mask])
+        if any(c.k[0].dtype != x.dtype for c in caches):
+            return None
+        layers = [layer.step_operands() for layer in self.layers]
+        if any(layer is None for layer in layers):
+            return None
+        cfg = self.config
+        valid = [None if m is None else m[:, 0, 0, :] for m in masks]  # [B, 1, 1, S] -> [B, S]
+        return kernel.decode_layers(x, *rope, layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    cfg.rms_norm_eps, [c.k for c in caches], [c.v for c in caches], valid,
+                                    [c.length for c in caches])
 
 
 class LlamaForCausalLM(nn.Module):

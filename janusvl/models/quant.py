@@ -57,6 +57,10 @@ class Int8Linear(nn.Module):
         elif qweight.device.type == "cpu" and has_fbgemm():
             self.packed = _fbgemm_pack(qweight, scale, None if bias is None else bias.float())
 
+    def step_operands(self) -> list[torch.Tensor] | None:
+        """What the kernels' one-call decode step multiplies by (janusvl.models.llama)."""
+        return [self.qweight, self.scale] if self.kernel is not None and self.bias is None else None
+
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         return cls(*quantize_int8(weight), bias)
@@ -133,6 +137,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp32_product(x, self.out_features, self._product, self.bias)
+
+    def step_operands(self) -> list[torch.Tensor] | None:
+        """What the kernels' one-call decode step multiplies by (janusvl.models.llama)."""
+        return [self.qweight, self.scales, self.lows] if self.kernel is not None and self.bias is None else None
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
