@@ -78,6 +78,17 @@ def machine_bounds(threads: int) -> dict[str, Any]:
             "gemm_dtype": _dtype_name(dtype), "native_bf16": native}
 
 
+def remeasure(machine: dict[str, Any]) -> None:
+    """Measure the machine again and keep the best rates seen. A shared VM's read rate moves by up
+    to a third between minutes (27.5 to 38 GB/s on the AVX2 machine of README's figures): a single
+    low reading would put the bounds below what the machine delivers at other times, so the bounds
+    use the best of a measurement before and after each engine's run."""
+    again = machine_bounds(machine["threads"])
+    for key in ("bandwidth_gbs", "gemm_gflops"):
+        machine[f"{key}_seen"] = [*machine.get(f"{key}_seen", [machine[key]]), again[key]]
+        machine[key] = max(machine[f"{key}_seen"])
+
+
 def engine_dtypes() -> dict[str, str]:
     """The dtype each engine runs in: the one its users would choose on this CPU.
 
@@ -328,8 +339,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{ratio:>7} {(f'{bound:.3f}' if bound else ''):>10} {frac:>9}")
     m = report["machine"]
     cpu_class = "native bf16" if m["native_bf16"] else "no native bf16 (bf16 GEMMs emulated)"
+    seen = m.get("bandwidth_gbs_seen", [m["bandwidth_gbs"]])
     lines.append(f"machine: {m['cpu']}, {cpu_class}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
-                 f"{m['gemm_dtype']} GEMM {m['gemm_gflops']:.0f} GFLOP/s; torch {m['torch']}")
+                 f"{m['gemm_dtype']} GEMM {m['gemm_gflops']:.0f} GFLOP/s (best of {len(seen)} measurements in the run; "
+                 f"read {min(seen):.1f}-{max(seen):.1f} GB/s); torch {m['torch']}")
     lines.append("ratio: how many times faster (or smaller) janusvl is; of bound: janusvl's figure as a share of the "
                  "machine's limit")
     if "error" in theirs:
@@ -384,6 +397,7 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
     dtypes = engine_dtypes()
     print(f"running janusvl ({dtypes['janusvl']}) ...", file=sys.stderr)
     report["janusvl"] = _spawn("janusvl", ckpt, {**opts, "dtype": dtypes["janusvl"]})
+    remeasure(machine)
     if "error" in report["janusvl"]:
         raise RuntimeError(f"janusvl benchmark failed: {report['janusvl']['error']}")
     if model is None:  # the .bin release layout too: its load is the slow one
@@ -397,6 +411,7 @@ def run(model: str | None, threads: int = 2, new_tokens: int = 32, images: bool 
                                            "which transformers cannot load"}
     elif transformers:
         report["transformers"] = _with_transformers(ckpt, {**opts, "dtype": dtypes["transformers"]})
+        remeasure(machine)
     report["bounds"] = bounds_for(report["janusvl"], costs, machine)
     return report
 

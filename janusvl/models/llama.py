@@ -209,7 +209,6 @@ class LlamaModel(nn.Module):
         cache.advance(T)
         return BaseModelOutput(self.norm(x), cache if use_cache or past_key_values is not None else None)
 
-
     def _decode_in_one_call(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                             cache: KVCache | RaggedBatch, mask: torch.Tensor | list[torch.Tensor | None] | None,
                             ) -> torch.Tensor | None:
@@ -218,7 +217,7 @@ class LlamaModel(nn.Module):
         the same kernels in the same order as the layers' forward, without ~30 Python-dispatched
         ops per layer. None where any layer or cache is not of that kind."""
         kernel = self.layers[0].self_attn.kernel if len(self.layers) else None
-        if kernel is None or torch.is_grad_enabled() or x.dtype != self.norm.weight.dtype:
+        if kernel is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.norm.weight.dtype:
             return None
         caches, masks = (cache.caches, mask) if isinstance(cache, RaggedBatch) else ([cache], [mask])
         if any(c.k[0].dtype != x.dtype for c in caches):
