@@ -519,6 +519,17 @@ def test_decode_step_in_one_call_is_the_layer_by_layer_step_to_the_bit(request, 
         assert all(torch.equal(a, b) for a, b in zip(got_kv, expected_kv, strict=True)), run.__name__
 
 
+def test_float32_models_never_build_the_kernels(tiny_dir, monkeypatch) -> None:
+    """Building the kernels takes about a minute on first use: a float32 model, which none of them
+    serves, loads and answers without asking for them."""
+    asked = record(monkeypatch, kernels, "load", lambda: "load")
+    model = Janus.from_pretrained(tiny_dir, device="cpu", dtype="float32").model
+    embeds, mask = prompt(model)
+    with torch.inference_mode():
+        generate(model.language_model, embeds, attention_mask=mask, eos_token_id=None, max_new_tokens=2)
+    assert model.language_model.kernel == "torch" and asked == []
+
+
 # --- int8 ----------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["avx2", "fbgemm"])

@@ -303,8 +303,10 @@ def fuse_small_ops(lm: LlamaForCausalLM) -> None:
     computing them. The rotary embedding's values are the plain path's to the bit; the norms'
     sums of squares are added in another order (last-bit differences). Native bf16 keeps torch's
     ops (bit-identical to the plain path there)."""
+    if not emulated(lm.model.norm.weight):  # first: fp32 models never build the kernels for this
+        return
     kernel = kernels.load()
-    if kernel is None or not emulated(lm.model.norm.weight):
+    if kernel is None:
         return
     for module in lm.modules():
         if isinstance(module, (RMSNorm, Attention)):
