@@ -519,6 +519,15 @@ def test_decode_step_in_one_call_is_the_layer_by_layer_step_to_the_bit(request, 
         assert all(torch.equal(a, b) for a, b in zip(got_kv, expected_kv, strict=True)), run.__name__
 
 
+def test_each_torch_installation_builds_the_kernels_in_its_own_directory(monkeypatch) -> None:
+    """torch's builder rebuilds when a directory's recorded include paths change: two virtualenvs
+    must not share (and rebuild in turn) one build directory."""
+    here = kernels.build_directory()
+    assert here == kernels.build_directory()  # stable for one installation
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/site-packages/torch/__init__.py")
+    assert kernels.build_directory().parent == here.parent and kernels.build_directory() != here
+
+
 def test_float32_models_never_build_the_kernels(tiny_dir, monkeypatch) -> None:
     """Building the kernels takes about a minute on first use: a float32 model, which none of them
     serves, loads and answers without asking for them."""

@@ -18,8 +18,9 @@ with activations quantised per block (decode-sized calls), or widened weight pan
 the same kernels in the same order as the layers' Python forward (bit-identical), without the
 Python dispatch of ~30 small ops a layer. ops.h declares what bindings.cpp exposes.
 
-The extension is built once per source and torch version into ~/.cache/janusvl/kernels (or
-$JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs ninja and a C++ compiler.
+The extension is built once per source, torch version and torch installation (virtualenv) into
+~/.cache/janusvl/kernels (or $JANUSVL_KERNEL_CACHE) by torch.utils.cpp_extension, which needs
+ninja and a C++ compiler.
 Where it cannot be built, or the CPU lacks the instructions, `load()` returns None and the
 callers keep the kernels torch has. JANUSVL_KERNELS=0 turns the kernels off.
 """
@@ -68,8 +69,12 @@ def unavailable_reason() -> str | None:
 
 
 def build_directory() -> Path:
+    """One directory per source, torch version and torch installation: torch's builder rebuilds
+    whenever the include paths written in a directory's build.ninja change, so two virtualenvs
+    sharing one directory would rebuild each other's copy (a minute each time)."""
     source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    tag = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    install = str(Path(torch.__file__).resolve().parent).encode()
+    tag = hashlib.sha256(source + torch.__version__.encode() + install).hexdigest()[:12]
     root = Path(os.environ.get("JANUSVL_KERNEL_CACHE", Path.home() / ".cache" / "janusvl" / "kernels"))
     return root / tag
 
