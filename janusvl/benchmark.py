@@ -80,7 +80,7 @@ def machine_bounds(threads: int) -> dict[str, Any]:
 
 def remeasure(machine: dict[str, Any]) -> None:
     """Measure the machine again and keep the best rates seen. A shared VM's read rate moves by up
-    to a third between minutes (27.5 to 38 GB/s on the AVX2 machine of README's figures): a single
+    to a factor of two within a day (21 to 43 GB/s on the AVX2 machine of README's figures): a single
     low reading would put the bounds below what the machine delivers at other times, so the bounds
     use the best of a measurement before and after each engine's run."""
     again = machine_bounds(machine["threads"])
@@ -339,7 +339,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{ratio:>7} {(f'{bound:.3f}' if bound else ''):>10} {frac:>9}")
     m = report["machine"]
     cpu_class = "native bf16" if m["native_bf16"] else "no native bf16 (bf16 GEMMs emulated)"
-    seen = m.get("bandwidth_gbs_seen", [m["bandwidth_gbs"]])
+    seen = m["bandwidth_gbs_seen"]
     lines.append(f"machine: {m['cpu']}, {cpu_class}, {m['threads']} threads; memory read {m['bandwidth_gbs']:.1f} GB/s, "
                  f"{m['gemm_dtype']} GEMM {m['gemm_gflops']:.0f} GFLOP/s (best of {len(seen)} measurements in the run; "
                  f"read {min(seen):.1f}-{max(seen):.1f} GB/s); torch {m['torch']}")

@@ -32,6 +32,11 @@ def live_caches() -> list[KVCache]:
         return list(_LIVE)
 
 
+def decode_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A decode step's attention mask [B, 1, 1, S] as `decode_attention` takes it: [B, S] (or None)."""
+    return None if mask is None else mask[:, 0, 0, :]
+
+
 class KVCache:
     def __init__(
         self,
@@ -105,8 +110,7 @@ class KVCache:
         """Store k, v [B, Hkv, T, hd] and attend q [B, H, T, hd] over every key so far."""
         k, v = self.update(layer, k, v)  # [B, Hkv, S, hd]
         if q.shape[2] == 1 and emulated(k) and (kernel := kernels.load()) is not None:
-            valid = None if mask is None else mask[:, 0, 0, :]  # [B, 1, 1, S] -> [B, S]
-            out = kernel.decode_attention(q.float().contiguous(), k, v, valid, q.shape[-1] ** -0.5)
+            out = kernel.decode_attention(q.float().contiguous(), k, v, decode_valid(mask), q.shape[-1] ** -0.5)
             return out.to(q.dtype)
         return attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                          enable_gqa=enable_gqa)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
-from .kv_cache import KVCache, RaggedBatch
+from .kv_cache import KVCache, RaggedBatch, decode_valid
 from .layers import Embedding, Linear
 
 
@@ -144,8 +144,8 @@ class DecoderLayer(nn.Module):
             return None
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return None
-        parts = [getattr(p, "step_operands", None) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        operands = [None if part is None else part() for part in parts]
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        operands = [getattr(p, "step_operands", lambda: None)() for p in projections]
         if any(o is None for o in operands):
             return None
         return [[self.input_layernorm.weight], [self.post_attention_layernorm.weight], *operands]
@@ -226,10 +226,9 @@ class LlamaModel(nn.Module):
         if any(layer is None for layer in layers):
             return None
         cfg = self.config
-        valid = [None if m is None else m[:, 0, 0, :] for m in masks]  # [B, 1, 1, S] -> [B, S]
         return kernel.decode_layers(x, *rope, layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                    cfg.rms_norm_eps, [c.k for c in caches], [c.v for c in caches], valid,
-                                    [c.length for c in caches])
+                                    cfg.rms_norm_eps, [c.k for c in caches], [c.v for c in caches],
+                                    [decode_valid(m) for m in masks], [c.length for c in caches])
 
 
 class LlamaForCausalLM(nn.Module):
